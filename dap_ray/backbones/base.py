@@ -1,0 +1,211 @@
+"""One interface for every diffusion backbone (DiT, SD U-Net): encode, eps, layer features.
+
+The bank, the samplers and every method talk to a `Backbone` only, so a new model family is one new
+file here. Layer features come from forward hooks; when only features are needed the forward is cut
+right after the deepest requested layer (a hook raises `_StopForward`), which is what makes DAP's
+guidance gradient cheap: backward runs through blocks 0..ℓ only.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dap_ray.data.types import ClassInfo
+from dap_ray.errors import ConfigError, UnsafeWeightsError, UserError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the deepest requested layer to truncate the forward."""
+
+
+def as_tokens(output: object) -> torch.Tensor:
+    """A layer's output as (B, tokens, dim): DiT blocks already are; U-Net maps (B,C,H,W) -> (B,HW,C)."""
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    if hasattr(output, "sample"):
+        output = output.sample
+    if output.ndim == 4:  # (B, C, H, W)
+        return output.flatten(2).transpose(1, 2)  # (B, HW, C)
+    if output.ndim != 3:
+        raise ValueError(f"unexpected layer output of shape {tuple(output.shape)}")
+    return output
+
+
+def pool_features(feat: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, tokens, dim) -> (B, D): `tokens` keeps the full map, `mean` averages over tokens."""
+    if pooling == "tokens":
+        return feat.flatten(1)  # (B, tokens*dim)
+    if pooling == "mean":
+        return feat.mean(dim=1)  # (B, dim)
+    raise ConfigError("method.pooling", pooling, "one of tokens, mean")
+
+
+def resolve_model_dir(path: str | None, default: Path | None = None) -> Path:
+    """A local diffusers directory, or a Hugging Face cache repo dir (models--org--name) -> snapshot dir."""
+    if path is None:
+        if default is None:
+            raise UserError("model.path is required: a local diffusers directory")
+        return default
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"model.path={path!r} does not exist (a local diffusers directory or HF cache dir is expected)")
+    if (p / "snapshots").is_dir():  # HF cache layout: models--org--name/{refs,snapshots}/<hash>
+        ref = p / "refs" / "main"
+        snap = p / "snapshots" / ref.read_text().strip() if ref.is_file() else None
+        if snap is None or not snap.is_dir():
+            snaps = sorted((p / "snapshots").iterdir())
+            if not snaps:
+                raise UserError(f"model.path={path!r}: HF cache dir without snapshots")
+            snap = snaps[-1]
+        p = snap
+    return p
+
+
+def check_safetensors(component_dir: Path, what: str) -> None:
+    """Weights load only from safetensors: refuse a directory that has only pickle checkpoints."""
+    if not component_dir.is_dir():
+        raise UserError(f"model directory is missing {what}/ ({component_dir})")
+    if not (component_dir / "config.json").is_file():
+        raise UserError(f"{component_dir}: missing config.json for {what}")
+    files = [f.name for f in component_dir.iterdir()]
+    if any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in files):
+        return
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise UnsafeWeightsError(
+            f"{component_dir}: only pickle checkpoints ({', '.join(pickles)}); dap_ray loads safetensors only, "
+            "because unpickling a file can run arbitrary code. Convert it once with "
+            "`model.save_pretrained(dir, safe_serialization=True)` from a trusted environment."
+        )
+    raise UserError(f"{component_dir}: no weights for {what} (expected *.safetensors)")
+
+
+class Backbone(ABC):
+    """A class-conditional latent (or pixel) diffusion model behind one interface.
+
+    Tensors: images (B,3,H,W) in [-1,1]; latents x (B,C,h,w), already multiplied by the latent scale;
+    t LongTensor[B] (or an int); y LongTensor[B] of *dataset* labels (bind_classes maps them).
+    """
+
+    name: str
+    resolution: int  # pixel resolution of generated images
+    latent_shape: tuple[int, int, int]  # (C, h, w)
+    layer_names: list[str]  # in forward order
+    num_train_timesteps: int
+    alphas_cumprod: torch.Tensor  # (T,) float64, CPU
+    scheduler_config: dict
+    device: torch.device
+    dtype: torch.dtype
+    classes: list[ClassInfo]
+
+    # -- model-specific ----------------------------------------------------------------------
+    @abstractmethod
+    def bind_classes(self, classes: Sequence[ClassInfo]) -> None:
+        """Map dataset labels to the model's conditioning (class ids, prompts)."""
+
+    @abstractmethod
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, uncond: bool) -> torch.Tensor:
+        """The raw noise prediction (B,C,h,w) for dataset labels y (or the null condition)."""
+
+    @abstractmethod
+    def layer_module(self, name: str) -> nn.Module:
+        """The nn.Module whose output is the feature of layer `name`."""
+
+    @abstractmethod
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) in [-1,1] -> scaled latents (B,C,h,w)."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """scaled latents (B,C,h,w) -> (B,3,H,W) in [-1,1]."""
+
+    # -- shared ------------------------------------------------------------------------------
+    def _t(self, t: torch.Tensor | int, batch: int) -> torch.Tensor:
+        if not torch.is_tensor(t):
+            t = torch.tensor([int(t)])
+        t = t.to(self.device, torch.long).reshape(-1)
+        return t.expand(batch) if t.numel() == 1 else t
+
+    def check_layers(self, layers: Sequence[str]) -> list[str]:
+        out = [str(x) for x in layers]
+        for layer in out:
+            if layer not in self.layer_names:
+                raise ConfigError("method.layer", layer, f"one of the {self.name} layers: {', '.join(self.layer_names)}")
+        return out
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor, cfg_scale: float = 1.0) -> torch.Tensor:
+        """Noise prediction with classifier-free guidance: u + s (c - u), one doubled batch."""
+        b = x.shape[0]
+        t = self._t(t, b)
+        y = y.to(self.device)
+        if cfg_scale == 1.0:
+            return self._forward(x, t, y, uncond=False)
+        both = self._forward_pair(x, t, y)
+        cond, uncond = both.chunk(2)
+        return uncond + cfg_scale * (cond - uncond)
+
+    def _forward_pair(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Conditional and unconditional predictions stacked (2B, ...). Backbones may batch this."""
+        return torch.cat([self._forward(x, t, y, uncond=False), self._forward(x, t, y, uncond=True)])
+
+    def features(self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Outputs of `layers` as (B, tokens, dim), from a forward cut after the deepest one.
+
+        Differentiable w.r.t. x (the sampler takes DAP's gradient through it)."""
+        layers = self.check_layers(layers)
+        deepest = max(layers, key=self.layer_names.index)
+        captured: dict[str, torch.Tensor] = {}
+        handles = []
+
+        def make_hook(name: str):
+            def hook(_module, _inputs, output):
+                captured[name] = as_tokens(output)
+                if name == deepest:
+                    raise _StopForward
+
+            return hook
+
+        for name in layers:
+            handles.append(self.layer_module(name).register_forward_hook(make_hook(name)))
+        try:
+            self._forward(x, self._t(t, x.shape[0]), y.to(self.device), uncond=False)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return {name: captured[name] for name in layers}
+
+    def features_full(self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Same as `features` but through the full forward (the reference the truncation is tested against)."""
+        layers = self.check_layers(layers)
+        captured: dict[str, torch.Tensor] = {}
+        handles = [
+            self.layer_module(n).register_forward_hook(lambda _m, _i, o, n=n: captured.__setitem__(n, as_tokens(o)))
+            for n in layers
+        ]
+        try:
+            self._forward(x, self._t(t, x.shape[0]), y.to(self.device), uncond=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return {name: captured[name] for name in layers}
+
+    def images_to_tensor(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 (B,H,W,3) -> float (B,3,H,W) in [-1,1] on the device."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+    @staticmethod
+    def tensor_to_images(x: torch.Tensor) -> np.ndarray:
+        """float (B,3,H,W) in [-1,1] -> uint8 (B,H,W,3)."""
+        x = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+        return x.permute(0, 2, 3, 1).cpu().numpy()

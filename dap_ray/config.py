@@ -1,0 +1,267 @@
+"""Structured configs: the schema every Hydra YAML under configs/ is validated against.
+
+Read top to bottom, nanoGPT style. Every group of configs/ (dataset/ model/ method/ sampler/ bank/
+eval/ tune/ runtime/) has one dataclass here; composing merges the YAMLs into these dataclasses, so
+an unknown key is an error (OmegaConf struct mode) and a value of the wrong type is an error. Range
+checks live in `validate()`, and every failure is a `ConfigError` naming the key, the value and what
+is allowed. Backbone-dependent checks (layer names, t_stop <= T) happen once the model is loaded,
+in `validate_against_backbone()`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dap_ray.errors import ConfigError, UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+if not CONFIG_DIR.is_dir():  # installed (non-editable) package: configs ship inside it
+    CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+DATASETS = ("digits", "imagefolder")
+MODEL_TYPES = ("dit", "sd")
+KERNELS = ("linear", "rbf")
+POOLINGS = ("tokens", "mean")
+PROTOCOLS = ("hard_label", "soft_label")
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "digits"  # digits | imagefolder
+    root: str | None = None  # local path or s3://bucket/prefix (imagefolder)
+    classes: Any = None  # null = every class folder; a preset (imagenette, imagewoof, imageidc, imagenet1k) or a list
+    train_dir: str = "train"
+    test_dir: str = "val"
+    test_fraction: float = 0.2  # held out from the training folders when there is no test_dir
+    split_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "digits_dit"
+    type: str = "dit"  # dit | sd
+    path: str | None = None  # local diffusers directory or HF cache dir; null = the packaged digits DiT
+    resolution: int = 8  # pixel resolution the model generates
+    latent_scale: float | None = None  # null = the VAE's own scaling_factor (DiT-XL/2 was trained with 0.18215)
+    prompt_template: str = "a photo of a {name}"  # SD only
+    default_layer: str = "2"  # guidance layer when method.layer is null
+    gamma_range: list[float] = field(default_factory=lambda: [1.0, 20.0])  # what sweeps explore for this backbone
+
+
+@dataclass
+class MethodConfig:
+    """Guidance knobs (DAP) plus the settings of the other methods; `methods` picks what runs."""
+
+    name: str = "dap"
+    gamma: float = 5.0
+    layer: Any = None  # block index (DiT) or name (SD: down_0..3, mid, up_0..3); null = model.default_layer
+    t_stop: int = 400  # guidance only while t > t_stop
+    kernel: str = "linear"  # linear | rbf
+    sigma: float = 1.0  # RBF bandwidth (relative to sqrt(D) of the pooled features)
+    pooling: str = "tokens"  # tokens = full feature map, mean = pooled over tokens/space
+    rff_features: int = 2048  # random Fourier features for the RBF mean embedding
+    rff_seed: int = 0
+    # D3HR
+    d3hr_groups: int = 1000  # candidate noise groups
+    d3hr_inversion_steps: int = 50
+    d3hr_stats: list[str] = field(default_factory=lambda: ["mean", "std", "skew"])
+    # DIVER
+    diver_source: str | None = None  # an ImageFolder of distilled images to refine; null = this run's random_real
+    diver_start_t: int = 600
+    diver_gamma: float = 2.0
+    diver_fusion_t: int = 400
+
+
+@dataclass
+class SamplerConfig:
+    steps: int = 50
+    eta: float = 0.0
+    cfg_scale: float = 2.0  # classifier-free guidance scale (1 = off)
+    batch_size: int = 16  # images per forward
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (half precisions only on GPU)
+
+
+@dataclass
+class BankConfig:
+    seed: int = 0  # noise seed of the real-feature bank
+    batch_size: int = 64
+    max_per_class: int | None = None  # per-sample Parquet rows kept per class (statistics use all images)
+    layers: list[str] | None = None  # null = the guidance layer
+
+
+@dataclass
+class EvalConfig:
+    protocol: str = "hard_label"  # hard_label | soft_label
+    archs: list[str] = field(default_factory=lambda: ["convnet", "resnetap10"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    resolution: int = 32  # real and distilled images are resized alike to this before training
+    epochs: int | None = None  # null = scaled with IPC (see dap_ray.eval.train.epochs_for_ipc)
+    batch_size: int = 64
+    lr: float = 0.01
+    teacher_arch: str = "resnet18"
+    teacher_epochs: int = 30
+    temperature: float = 4.0
+    tsne: bool = True
+    max_test: int | None = None  # cap on test images (null = all)
+
+
+@dataclass
+class RuntimeConfig:
+    address: str | None = None  # null = attach to a running cluster if there is one, else start local Ray
+    num_cpus: int | None = None  # local Ray only
+    sampler_actors: int = 1
+    bank_actors: int = 1
+    gpus_per_actor: float = 0.0  # set > 0 on a GPU cluster (configs/runtime/gpu.yaml)
+    gpus_per_eval: float = 0.0
+    cpus_per_actor: float = 1.0
+    cpus_per_eval: float = 1.0
+    dashboard_host: str = "127.0.0.1"
+    eval_retries: int = 2
+
+
+@dataclass
+class DistillConfig:
+    seed: int = 0
+    ipc: int = 10
+    methods: list[str] = field(default_factory=lambda: ["random_real", "vanilla", "dap"])
+    out_dir: str = "runs/default"
+    cache_dir: str = "~/.cache/dap_ray"
+    stages: list[str] = field(default_factory=lambda: ["bank", "sample", "evaluate", "report"])
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+STAGES = ("bank", "sample", "evaluate", "report")
+
+
+def to_structured(cfg: DictConfig | dict, schema: type = DistillConfig) -> Any:
+    """Merge a composed config into its dataclass schema: unknown keys and wrong types are errors."""
+    base = OmegaConf.structured(schema)
+    try:
+        merged = OmegaConf.merge(base, cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        if "Key '" in msg and "not in" in msg:
+            parent = ".".join(str(key).split(".")[:-1])
+            node = OmegaConf.select(base, parent) if parent else base
+            valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
+            raise ConfigError(str(key), "(unknown key)", f"valid keys{' of ' + parent if parent else ''}: {', '.join(valid)}") from None
+        value = OmegaConf.select(cfg, str(key), default="?") if isinstance(cfg, DictConfig) else "?"
+        raise ConfigError(str(key), value, msg) from None
+    OmegaConf.set_struct(merged, True)
+    return merged
+
+
+def _check(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+def _choice(key: str, value: object, allowed: tuple[str, ...] | list[str]) -> None:
+    _check(value in allowed, key, value, f"one of {', '.join(allowed)}")
+
+
+def validate(cfg: Any) -> None:
+    """Range checks that need no model. Raises ConfigError naming the key, value and allowed range."""
+    from dap_ray.methods import list_methods  # late: methods import the sampler
+
+    _check(cfg.ipc >= 1, "ipc", cfg.ipc, "an integer >= 1")
+    _check(len(cfg.methods) >= 1, "methods", list(cfg.methods), "a non-empty list")
+    for m in cfg.methods:
+        _choice("methods", m, list_methods())
+    for s in cfg.stages:
+        _choice("stages", s, STAGES)
+    _choice("dataset.name", cfg.dataset.name, DATASETS)
+    if cfg.dataset.name == "imagefolder":
+        _check(bool(cfg.dataset.root), "dataset.root", cfg.dataset.root, "a local path or s3:// URI (required for imagefolder)")
+    _check(0.0 < cfg.dataset.test_fraction < 1.0, "dataset.test_fraction", cfg.dataset.test_fraction, "0 < x < 1")
+    _choice("model.type", cfg.model.type, MODEL_TYPES)
+    _check(cfg.model.resolution >= 8, "model.resolution", cfg.model.resolution, "an integer >= 8")
+    m = cfg.method
+    _check(m.gamma >= 0, "method.gamma", m.gamma, "a number >= 0")
+    _check(m.t_stop >= 0, "method.t_stop", m.t_stop, "an integer in [0, T] (T = the model's training timesteps)")
+    _choice("method.kernel", m.kernel, KERNELS)
+    _choice("method.pooling", m.pooling, POOLINGS)
+    _check(m.sigma > 0, "method.sigma", m.sigma, "a number > 0")
+    _check(m.rff_features >= 1, "method.rff_features", m.rff_features, "an integer >= 1")
+    _check(m.d3hr_groups >= 1, "method.d3hr_groups", m.d3hr_groups, "an integer >= 1")
+    _check(m.d3hr_inversion_steps >= 1, "method.d3hr_inversion_steps", m.d3hr_inversion_steps, "an integer >= 1")
+    for s in m.d3hr_stats:
+        _choice("method.d3hr_stats", s, ("mean", "std", "skew", "kurtosis"))
+    _check(m.diver_start_t >= 0, "method.diver_start_t", m.diver_start_t, "an integer in [0, T]")
+    _check(m.diver_fusion_t >= 0, "method.diver_fusion_t", m.diver_fusion_t, "an integer in [0, T]")
+    _check(m.diver_gamma >= 0, "method.diver_gamma", m.diver_gamma, "a number >= 0")
+    s = cfg.sampler
+    _check(1 <= s.steps <= 1000, "sampler.steps", s.steps, "an integer in [1, 1000]")
+    _check(0.0 <= s.eta <= 1.0, "sampler.eta", s.eta, "a number in [0, 1]")
+    _check(s.cfg_scale >= 1.0, "sampler.cfg_scale", s.cfg_scale, "a number >= 1 (1 = no classifier-free guidance)")
+    _check(s.batch_size >= 1, "sampler.batch_size", s.batch_size, "an integer >= 1")
+    _choice("sampler.dtype", s.dtype, DTYPES)
+    _check(cfg.bank.batch_size >= 1, "bank.batch_size", cfg.bank.batch_size, "an integer >= 1")
+    _check(cfg.bank.max_per_class is None or cfg.bank.max_per_class >= 1, "bank.max_per_class", cfg.bank.max_per_class, "null (all) or an integer >= 1")
+    e = cfg.eval
+    _choice("eval.protocol", e.protocol, PROTOCOLS)
+    _check(len(e.seeds) >= 1, "eval.seeds", list(e.seeds), "a non-empty list of integers")
+    _check(e.resolution >= 8, "eval.resolution", e.resolution, "an integer >= 8")
+    _check(e.epochs is None or e.epochs >= 1, "eval.epochs", e.epochs, "null (scaled with IPC) or an integer >= 1")
+    _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "an integer >= 1")
+    _check(e.lr > 0, "eval.lr", e.lr, "a number > 0")
+    _check(e.temperature > 0, "eval.temperature", e.temperature, "a number > 0")
+    _check(e.max_test is None or e.max_test >= 1, "eval.max_test", e.max_test, "null or an integer >= 1")
+    if e.archs:
+        from dap_ray.eval.nets import list_nets
+
+        for a in list(e.archs) + [e.teacher_arch]:
+            _choice("eval.archs", a, list_nets())
+    r = cfg.runtime
+    _check(r.sampler_actors >= 1, "runtime.sampler_actors", r.sampler_actors, "an integer >= 1")
+    _check(r.bank_actors >= 1, "runtime.bank_actors", r.bank_actors, "an integer >= 1")
+    _check(r.gpus_per_actor >= 0, "runtime.gpus_per_actor", r.gpus_per_actor, "a number >= 0")
+    _check(r.gpus_per_eval >= 0, "runtime.gpus_per_eval", r.gpus_per_eval, "a number >= 0")
+    _check(r.cpus_per_actor > 0, "runtime.cpus_per_actor", r.cpus_per_actor, "a number > 0")
+    _check(r.cpus_per_eval > 0, "runtime.cpus_per_eval", r.cpus_per_eval, "a number > 0")
+    _check(r.eval_retries >= 0, "runtime.eval_retries", r.eval_retries, "an integer >= 0")
+
+
+def guidance_layer(cfg: Any) -> str:
+    """The layer DAP guides on: method.layer, or the backbone's default."""
+    return str(cfg.method.layer if cfg.method.layer is not None else cfg.model.default_layer)
+
+
+def validate_against_backbone(cfg: Any, backbone: Any) -> None:
+    """Checks that need the loaded model: layer names and timestep ranges."""
+    T = backbone.num_train_timesteps
+    layers = [guidance_layer(cfg)] + [str(x) for x in (cfg.bank.layers or [])]
+    for layer in layers:
+        _choice("method.layer", layer, backbone.layer_names)
+    for key in ("t_stop", "diver_start_t", "diver_fusion_t"):
+        v = getattr(cfg.method, key)
+        _check(0 <= v <= T, f"method.{key}", v, f"an integer in [0, {T}] (T = the model's training timesteps)")
+
+
+def config_hash(obj: Any, n: int = 16) -> str:
+    """Stable short hash of a (nested) config or dict."""
+    if isinstance(obj, DictConfig):
+        obj = OmegaConf.to_container(obj, resolve=True)
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]
+
+
+def require(value: Any, key: str, what: str) -> Any:
+    if value is None or value is MISSING:
+        raise UserError(f"{key} is required: {what}")
+    return value

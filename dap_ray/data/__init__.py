@@ -1,0 +1,83 @@
+"""Datasets: built-in digits, ImageFolder (local or S3), shipped class lists, bad-file policy."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from dap_ray.data.classlists import (
+    PRESETS,
+    get_class_list,
+    get_imagenet_index,
+    get_imagenet_lemmas,
+    get_imagenet_name,
+)
+from dap_ray.data.digits import resolve_digits
+from dap_ray.data.imagefolder import IMAGE_EXTENSIONS, resolve_imagefolder
+from dap_ray.data.images import (
+    MAX_PIXELS,
+    BadImageError,
+    decode_image,
+    load_image,
+    read_bytes,
+    read_skipped_csv,
+    write_skipped_csv,
+)
+from dap_ray.data.types import ClassInfo, DatasetSplits, ImageRecord
+from dap_ray.errors import ConfigError
+
+DATASETS: tuple[str, ...] = ("digits", "imagefolder")
+
+
+def resolve_dataset(
+    name: str,
+    root: str | None,
+    classes: str | Sequence[str] | None,
+    *,
+    train_dir: str = "train",
+    test_dir: str = "val",
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    cache_dir: str | None = None,
+    storage_options: dict | None = None,
+) -> DatasetSplits:
+    """Resolve a dataset config to its classes and train/test image records.
+
+    ``digits`` ignores ``root`` and the split options (its split is fixed); ``imagefolder`` reads
+    ``root`` (local path or ``s3://``). User mistakes raise ``UserError`` with one clear message.
+    """
+    if name == "digits":
+        return resolve_digits(classes, cache_dir=cache_dir)
+    if name == "imagefolder":
+        return resolve_imagefolder(
+            root,
+            classes,
+            train_dir=train_dir,
+            test_dir=test_dir,
+            test_fraction=test_fraction,
+            seed=seed,
+            storage_options=storage_options,
+        )
+    raise ConfigError("dataset.name", name, f"one of {', '.join(DATASETS)}")
+
+
+__all__ = [
+    "BadImageError",
+    "ClassInfo",
+    "DATASETS",
+    "DatasetSplits",
+    "IMAGE_EXTENSIONS",
+    "ImageRecord",
+    "MAX_PIXELS",
+    "PRESETS",
+    "decode_image",
+    "get_class_list",
+    "get_imagenet_index",
+    "get_imagenet_lemmas",
+    "get_imagenet_name",
+    "load_image",
+    "read_bytes",
+    "read_skipped_csv",
+    "resolve_dataset",
+    "resolve_imagefolder",
+    "write_skipped_csv",
+]
