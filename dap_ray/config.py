@@ -30,6 +30,7 @@ MODEL_TYPES = ("dit", "sd")
 KERNELS = ("linear", "rbf")
 POOLINGS = ("tokens", "mean")
 PROTOCOLS = ("hard_label", "soft_label")
+RECIPES = ("igd", "minimax", "rded")
 DTYPES = ("fp32", "bf16", "fp16")
 
 
@@ -100,15 +101,16 @@ class BankConfig:
 @dataclass
 class EvalConfig:
     protocol: str = "hard_label"  # hard_label | soft_label
+    recipe: str = "igd"  # igd | minimax (hard label), rded (soft label): the peers' training recipes
     archs: list[str] = field(default_factory=lambda: ["convnet", "resnetap10"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     resolution: int = 32  # real and distilled images are resized alike to this before training
-    epochs: int | None = None  # null = scaled with IPC (see dap_ray.eval.train.epochs_for_ipc)
-    batch_size: int = 64
-    lr: float = 0.01
+    epochs: int | None = None  # null = the recipe's, scaled with IPC (dap_ray.eval.train.epochs_for_ipc)
+    batch_size: int | None = None  # null = the recipe's
+    lr: float | None = None  # null = the recipe's
     teacher_arch: str = "resnet18"
     teacher_epochs: int = 30
-    temperature: float = 4.0
+    temperature: float | None = None  # soft label; null = the recipe's (RDED: 20)
     tsne: bool = True
     max_test: int | None = None  # cap on test images (null = all)
 
@@ -217,10 +219,12 @@ def validate(cfg: Any) -> None:
     _choice("eval.protocol", e.protocol, PROTOCOLS)
     _check(len(e.seeds) >= 1, "eval.seeds", list(e.seeds), "a non-empty list of integers")
     _check(e.resolution >= 8, "eval.resolution", e.resolution, "an integer >= 8")
+    _choice("eval.recipe", e.recipe, RECIPES)
     _check(e.epochs is None or e.epochs >= 1, "eval.epochs", e.epochs, "null (scaled with IPC) or an integer >= 1")
-    _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "an integer >= 1")
-    _check(e.lr > 0, "eval.lr", e.lr, "a number > 0")
-    _check(e.temperature > 0, "eval.temperature", e.temperature, "a number > 0")
+    _check(e.batch_size is None or e.batch_size >= 1, "eval.batch_size", e.batch_size, "null or an integer >= 1")
+    _check(e.lr is None or e.lr > 0, "eval.lr", e.lr, "null or a number > 0")
+    _check(e.teacher_epochs >= 1, "eval.teacher_epochs", e.teacher_epochs, "an integer >= 1")
+    _check(e.temperature is None or e.temperature > 0, "eval.temperature", e.temperature, "null or a number > 0")
     _check(e.max_test is None or e.max_test >= 1, "eval.max_test", e.max_test, "null or an integer >= 1")
     if e.archs:
         from dap_ray.eval.nets import list_nets

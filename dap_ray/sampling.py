@@ -98,3 +98,142 @@ def sample_latents(
             z = torch.randn(x.shape, generator=eta_generator).to(x.device)
         x = ddim.ddim_step(x, eps, a_t, a_prev, eta, z)
     return x
+
+
+# ---------------------------------------------------------------------------------------------
+# The actor pool: work items (class, index range) -> images/<class>/<index>.png
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    method: str
+    label: int
+    start: int  # image indices [start, stop) of this class
+    stop: int
+
+
+@dataclass(frozen=True)
+class SamplerJob:
+    """Everything a sampler actor needs, picklable: model, classes, sampler knobs, the guidance recipe."""
+
+    model: dict
+    classes: tuple  # tuple[ClassInfo, ...]
+    out_dir: str  # <run>/<method>
+    seed: int
+    steps: int
+    cfg_scale: float
+    eta: float
+    dtype: str
+    guidance: object | None = None  # a picklable factory: guidance.build(backbone) -> Guidance
+    start: object | None = None  # a picklable factory of start latents (DIVER): start.latents(backbone, item) -> (x, start_t)
+
+
+def image_path(out_dir: str, class_key: str, index: int) -> str:
+    return f"{out_dir.rstrip('/')}/images/{class_key}/{index:05d}.png"
+
+
+def write_png_atomic(path: str, image) -> None:
+    """PNG bytes to a temp name, then rename (local) — a half-written image is never taken as done."""
+    import io
+
+    import fsspec
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    fs, p = fsspec.core.url_to_fs(path)
+    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols or "local" in protocols:
+        import os
+
+        tmp = f"{p}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, p)
+    else:  # an S3 PUT is atomic: the object appears whole or not at all
+        fs.pipe_file(p, buf.getvalue())
+
+
+def existing_indices(out_dir: str, class_key: str) -> set[int]:
+    import fsspec
+
+    fs, p = fsspec.core.url_to_fs(f"{out_dir.rstrip('/')}/images/{class_key}")
+    if not fs.exists(p):
+        return set()
+    return {int(f.rsplit("/", 1)[-1][:-4]) for f in fs.ls(p, detail=False) if f.endswith(".png") and f.rsplit("/", 1)[-1][:-4].isdigit()}
+
+
+class SamplerWorker:
+    """Holds the backbone (and guidance) once; renders work items. Wrapped as a Ray actor by the pool."""
+
+    def __init__(self, job: SamplerJob, device: str | None = None):
+        from dap_ray.backbones import load_backbone, torch_dtype
+
+        self.job = job
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.backbone = load_backbone(job.model, self.device, torch_dtype(job.dtype, self.device))
+        self.backbone.bind_classes(list(job.classes))
+        self.guidance = job.guidance.build(self.backbone) if job.guidance is not None else None
+
+    def render(self, item: WorkItem) -> list[dict]:
+        key = self.job.classes[item.label].key
+        todo = [i for i in range(item.start, item.stop) if i not in existing_indices(self.job.out_dir, key)]
+        if not todo:
+            return []
+        seeds = [seed_for(self.job.seed, "sample", key, i) for i in range(item.start, item.stop)]
+        # Always render the whole item (fixed batch composition => identical bytes), write the missing ones.
+        y = torch.full((item.stop - item.start,), item.label, dtype=torch.long)
+        start_t = None
+        if self.job.start is not None:
+            x, start_t = self.job.start.latents(self.backbone, item, seeds)
+        else:
+            x = torch.stack([initial_noise(self.backbone.latent_shape, s) for s in seeds])
+        lat = sample_latents(self.backbone, x, y, self.job.steps, self.job.cfg_scale, self.job.eta, self.guidance,
+                             eta_generator=torch.Generator().manual_seed(seeds[0]), start_t=start_t)
+        with torch.no_grad():
+            images = self.backbone.tensor_to_images(self.backbone.decode(lat))
+        out = []
+        for j, i in enumerate(range(item.start, item.stop)):
+            if i in todo:
+                write_png_atomic(image_path(self.job.out_dir, key, i), images[j])
+            out.append({"class": key, "label": item.label, "index": i, "seed": seeds[j]})
+        return out
+
+
+def work_items(method: str, num_classes: int, ipc: int, batch_size: int) -> list[WorkItem]:
+    """Fixed chunks of each class's index range: the same items whatever the pool size."""
+    return [WorkItem(method, c, s, min(s + batch_size, ipc)) for c in range(num_classes) for s in range(0, ipc, batch_size)]
+
+
+def run_pool(job: SamplerJob, items: list[WorkItem], num_actors: int = 1, gpus_per_actor: float = 0.0,
+             cpus_per_actor: float = 1.0, progress: bool = True, desc: str = "sampling") -> list[dict]:
+    """Render `items` on a pool of sampler actors; skips finished items; a killed actor is restarted
+    and its item redone (same seeds => same bytes, same file names => no duplicates)."""
+    import ray
+    from ray.util import ActorPool
+    from tqdm.auto import tqdm
+
+    pending = []
+    for it in items:
+        have = existing_indices(job.out_dir, job.classes[it.label].key)
+        if not all(i in have for i in range(it.start, it.stop)):
+            pending.append(it)
+    records = [
+        {"class": job.classes[it.label].key, "label": it.label, "index": i, "seed": seed_for(job.seed, "sample", job.classes[it.label].key, i)}
+        for it in items if it not in pending for i in range(it.start, it.stop)
+    ]
+    if not pending:
+        return records
+    Actor = ray.remote(SamplerWorker).options(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=-1, max_task_retries=-1)
+    actors = [Actor.remote(job) for _ in range(min(num_actors, len(pending)))]
+    pool = ActorPool(actors)
+    bar = tqdm(total=len(pending), desc=desc, unit="item", disable=not progress)
+    for res in pool.map_unordered(lambda a, it: a.render.remote(it), pending):
+        records.extend(res)
+        bar.update(1)
+    bar.close()
+    for a in actors:
+        ray.kill(a)
+    return records

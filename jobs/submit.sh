@@ -111,7 +111,7 @@ fi
 rc=0
 RAY_API_SERVER_ADDRESS="$address" RAY_ADDRESS="$address" "${cmd[@]}" || rc=$?
 if [ "$rc" -ne 0 ] && [ "$wait_mode" -eq 0 ]; then
-  echo "$script_name: ray job submit failed (exit $rc); is a Ray cluster running at $address?" >&2
+  echo "$script_name: ray job submit failed (exit $rc), see above; is a Ray cluster running at $address (token set if it needs one)?" >&2
   exit "$rc"
 fi
 

@@ -12,6 +12,16 @@ from dap_ray.eval import nets
 
 pytestmark = pytest.mark.unit
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on the shared 2-core machine this is faster than two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 RESOLUTIONS = (32, 64, 128, 256)
 TIMM_NETS = {"resnet101", "mobilenetv2", "efficientnet_b0", "swin"}
 EXPECTED = {
@@ -62,7 +72,9 @@ def test_bad_norm_is_user_error():
         nets.create("resnetap10", 10, 32, norm="layerwise")
 
 
-@pytest.mark.parametrize(("res", "depth", "feat"), [(32, 3, 4), (64, 4, 4), (128, 5, 4), (256, 6, 4), (224, 6, 3)])
+@pytest.mark.parametrize(
+    ("res", "depth", "feat"), [(32, 3, 4), (64, 4, 4), (128, 5, 4), (256, 6, 4), (224, 6, 3)]
+)
 def test_convnet_depth_follows_resolution(res: int, depth: int, feat: int):
     model = nets.create("convnet", 10, res)
     assert model.depth == depth

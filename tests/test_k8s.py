@@ -57,8 +57,11 @@ RAY_IDS = [label for label, _ in RAY_DOCS]
 def cluster_spec(doc: dict) -> dict:
     """The Ray cluster a document defines ({} for a RayJob that uses an existing cluster)."""
     spec = doc["spec"]
-    return {"RayJob": spec.get("rayClusterSpec"), "RayCluster": spec,
-            "RayService": spec.get("rayClusterConfig")}[doc["kind"]] or {}
+    return {
+        "RayJob": spec.get("rayClusterSpec"),
+        "RayCluster": spec,
+        "RayService": spec.get("rayClusterConfig"),
+    }[doc["kind"]] or {}
 
 
 def selected_cluster(doc: dict) -> dict | None:
@@ -110,17 +113,25 @@ def ray_containers(doc: dict) -> list[tuple[str, dict]]:
 @pytest.fixture(scope="module")
 def validator_output() -> tuple[int, list[str]]:
     if not VALIDATOR.is_file():
-        pytest.skip(f"KubeRay validator not found at {VALIDATOR} (it lives in the shared/ checkout "
-                    "next to the repository)")
-    proc = subprocess.run([sys.executable, str(VALIDATOR), "k8s"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+        pytest.skip(
+            f"KubeRay validator not found at {VALIDATOR} (it lives in the shared/ checkout "
+            "next to the repository)"
+        )
+    proc = subprocess.run(
+        [sys.executable, str(VALIDATOR), "k8s"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     return proc.returncode, (proc.stdout + proc.stderr).splitlines()
 
 
 def test_manifests_exist():
     names = {p.name for p in MANIFESTS}
-    for expected in ("rayjob-distill.yaml", "rayjob-tune.yaml", "raycluster-gpu.yaml",
-                     "raycluster-cpu-demo.yaml", "s3-secret.example.yaml"):
+    for expected in (
+        "rayjob-distill.yaml",
+        "rayjob-tune.yaml",
+        "raycluster-gpu.yaml",
+        "raycluster-cpu-demo.yaml",
+        "s3-secret.example.yaml",
+    ):
         assert expected in names
     kinds = {doc["kind"] for _, doc in RAY_DOCS}
     assert {"RayJob", "RayCluster"} <= kinds
@@ -221,8 +232,10 @@ def test_gpu_worker_groups_have_gpu_limits_and_tolerations():
             gpu_groups += 1
             assert int(str(limits["nvidia.com/gpu"])) >= 1, f"{label} {name}"
             tolerations = pod.get("tolerations") or []
-            assert any(t.get("key") == "nvidia.com/gpu" and t.get("effect") in (None, "NoSchedule")
-                       for t in tolerations), f"{label} {name}: no nvidia.com/gpu toleration"
+            assert any(
+                t.get("key") == "nvidia.com/gpu" and t.get("effect") in (None, "NoSchedule")
+                for t in tolerations
+            ), f"{label} {name}: no nvidia.com/gpu toleration"
             assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], f"{label} {name}"
     # rayjob-distill, rayjob-tune and raycluster-gpu each have one.
     assert gpu_groups >= 3
@@ -246,12 +259,17 @@ def test_cpu_demo_has_no_gpu():
             assert doc["spec"]["entrypoint"].strip() == "python -m dap_ray.distill"
 
 
-@pytest.mark.parametrize("label,doc", [(lb, d) for lb, d in RAY_DOCS if d["kind"] == "RayJob"],
-                         ids=[lb for lb, d in RAY_DOCS if d["kind"] == "RayJob"])
+@pytest.mark.parametrize(
+    "label,doc",
+    [(lb, d) for lb, d in RAY_DOCS if d["kind"] == "RayJob"],
+    ids=[lb for lb, d in RAY_DOCS if d["kind"] == "RayJob"],
+)
 def test_rayjob_settings(label, doc):
     spec = doc["spec"]
-    assert spec["entrypoint"].split()[:3] in (["python", "-m", "dap_ray.distill"],
-                                              ["python", "-m", "dap_ray.tune"])
+    assert spec["entrypoint"].split()[:3] in (
+        ["python", "-m", "dap_ray.distill"],
+        ["python", "-m", "dap_ray.tune"],
+    )
     env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert isinstance(env, dict) and set(env) <= {"env_vars"}, f"{label}: runtimeEnvYAML: env vars only"
     for key in env.get("env_vars") or {}:
@@ -273,20 +291,26 @@ def test_rayjob_settings(label, doc):
 @pytest.mark.parametrize("label,doc", RAY_DOCS, ids=RAY_IDS)
 def test_ray_containers_get_credentials_from_the_secret(label, doc):
     for name, c in ray_containers(doc):
-        from_env_from = any((ref.get("secretRef") or {}).get("name") == SECRET_NAME
-                            for ref in c.get("envFrom") or [])
-        from_key_refs = {e["name"] for e in c.get("env") or []
-                         if ((e.get("valueFrom") or {}).get("secretKeyRef") or {}).get("name") == SECRET_NAME}
+        from_env_from = any(
+            (ref.get("secretRef") or {}).get("name") == SECRET_NAME for ref in c.get("envFrom") or []
+        )
+        from_key_refs = {
+            e["name"]
+            for e in c.get("env") or []
+            if ((e.get("valueFrom") or {}).get("secretKeyRef") or {}).get("name") == SECRET_NAME
+        }
         assert from_env_from or set(CREDENTIAL_KEYS[:2]) <= from_key_refs, f"{label} {name}"
 
 
-@pytest.mark.parametrize("path", [p for p in MANIFESTS if p != SECRET_EXAMPLE] + [JOBS / "runtime_env.yaml"],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [p for p in MANIFESTS if p != SECRET_EXAMPLE] + [JOBS / "runtime_env.yaml"], ids=lambda p: p.name
+)
 def test_no_literal_credentials(path):
     text = path.read_text(encoding="utf-8")
     assert not re.search(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b", text), f"{path.name}: an AWS access key id"
-    assert not re.search(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])", text), \
+    assert not re.search(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])", text), (
         f"{path.name}: something shaped like an AWS secret access key"
+    )
     assert "REPLACE_ME" not in text
     for doc in load_docs(path):
         if isinstance(doc, dict) and doc.get("kind") == "Secret":
@@ -345,19 +369,40 @@ def test_runtime_env_parses_and_excludes_heavy_folders():
         assert must in patterns, must
     for key, value in (env.get("env_vars") or {}).items():
         assert isinstance(value, str), key
-        assert not re.search(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY", key), f"{key}: no credentials in runtime_env"
+        assert not re.search(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY", key), (
+            f"{key}: no credentials in runtime_env"
+        )
 
 
 def test_runtime_env_excludes_as_ray_applies_them(tmp_path):
     """The exclude patterns, matched the way Ray matches them when it zips the working dir."""
-    packaging = pytest.importorskip("ray._private.runtime_env.packaging",
-                                    reason="Ray not installed; the pattern test above still ran")
+    packaging = pytest.importorskip(
+        "ray._private.runtime_env.packaging", reason="Ray not installed; the pattern test above still ran"
+    )
     match = packaging._get_excludes(tmp_path, runtime_env()["excludes"])
-    excluded = [".venv", ".venv/bin/python", ".git", ".git/HEAD", "runs", "runs/x/images/0/1.png",
-                "outputs/2025-01-01", "benchmarks/results/a.json", "tests/data/x.png",
-                "cache/bank/part-0.parquet", "dap_ray/__pycache__"]
-    kept = ["dap_ray/config.py", "dap_ray/zoo", "configs/distill.yaml", "jobs/runtime_env.yaml",
-            "pyproject.toml", "benchmarks/bench_bank.py", "tests/test_k8s.py", "dap_ray/runs.py"]
+    excluded = [
+        ".venv",
+        ".venv/bin/python",
+        ".git",
+        ".git/HEAD",
+        "runs",
+        "runs/x/images/0/1.png",
+        "outputs/2025-01-01",
+        "benchmarks/results/a.json",
+        "tests/data/x.png",
+        "cache/bank/part-0.parquet",
+        "dap_ray/__pycache__",
+    ]
+    kept = [
+        "dap_ray/config.py",
+        "dap_ray/zoo",
+        "configs/distill.yaml",
+        "jobs/runtime_env.yaml",
+        "pyproject.toml",
+        "benchmarks/bench_bank.py",
+        "tests/test_k8s.py",
+        "dap_ray/runs.py",
+    ]
     for rel in excluded + kept:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
     for rel in excluded:
@@ -377,8 +422,11 @@ def test_script_syntax_and_mode(script):
     assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text
 
 
-@pytest.mark.parametrize("script,module", [(SCRIPTS[0], "dap_ray.distill"), (SCRIPTS[1], "dap_ray.tune")],
-                         ids=["submit", "submit_tune"])
+@pytest.mark.parametrize(
+    "script,module",
+    [(SCRIPTS[0], "dap_ray.distill"), (SCRIPTS[1], "dap_ray.tune")],
+    ids=["submit", "submit_tune"],
+)
 def test_script_help(script, module):
     proc = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
@@ -396,22 +444,30 @@ def fake_ray(tmp_path) -> tuple[Path, Path]:
     return exe, log
 
 
-@pytest.mark.parametrize("script,module", [(SCRIPTS[0], "dap_ray.distill"), (SCRIPTS[1], "dap_ray.tune")],
-                         ids=["submit", "submit_tune"])
+@pytest.mark.parametrize(
+    "script,module",
+    [(SCRIPTS[0], "dap_ray.distill"), (SCRIPTS[1], "dap_ray.tune")],
+    ids=["submit", "submit_tune"],
+)
 def test_script_submits_with_overrides_unchanged(fake_ray, tmp_path, script, module):
     exe, log = fake_ray
-    overrides = ["dataset=imagefolder", "dataset.root=s3://bucket/with space", "ipc=3",
-                 "method.layer=[4,8]"]
+    overrides = ["dataset=imagefolder", "dataset.root=s3://bucket/with space", "ipc=3", "method.layer=[4,8]"]
     env = {**os.environ, "RAY_BIN": str(exe)}
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_API_SERVER_ADDRESS", None)
-    proc = subprocess.run(["bash", str(script), "--submission-id", "test-job-1", *overrides],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["bash", str(script), "--submission-id", "test-job-1", *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 0, proc.stderr
     args = log.read_text().splitlines()
     assert args[0] == str(REPO)  # ray runs in the repository root, whatever the caller's cwd
     sep = args.index("--")
-    opts, entry = args[1:sep], args[sep + 1:]
+    opts, entry = args[1:sep], args[sep + 1 :]
     assert opts[:2] == ["job", "submit"]
     assert opts[opts.index("--address") + 1] == "http://127.0.0.1:8265"
     assert opts[opts.index("--working-dir") + 1] == "."
@@ -427,21 +483,27 @@ def test_script_address_and_wait(fake_ray, tmp_path):
     exe, log = fake_ray
     env = {**os.environ, "RAY_BIN": str(exe), "RAY_ADDRESS": "http://10.0.0.5:8265"}
     env.pop("RAY_API_SERVER_ADDRESS", None)
-    proc = subprocess.run(["bash", str(SCRIPTS[0]), "--wait", "--", "--cfg", "job"], env=env,
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["bash", str(SCRIPTS[0]), "--wait", "--", "--cfg", "job"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 0, proc.stderr
     args = log.read_text().splitlines()
     assert args[args.index("--address") + 1] == "http://10.0.0.5:8265"
     assert "--no-wait" not in args
-    assert args[args.index("--") + 1:] == ["python", "-m", "dap_ray.distill", "--cfg", "job"]
+    assert args[args.index("--") + 1 :] == ["python", "-m", "dap_ray.distill", "--cfg", "job"]
     job_id = args[args.index("--submission-id") + 1]
     assert re.fullmatch(r"dap-ray-distill-\d{8}-\d{6}-[0-9a-f]{8}", job_id)
 
 
 def test_script_reports_a_missing_ray(tmp_path):
     env = {**os.environ, "RAY_BIN": str(tmp_path / "no-such-ray")}
-    proc = subprocess.run(["bash", str(SCRIPTS[0]), "ipc=1"], env=env, capture_output=True, text=True,
-                          timeout=30)
+    proc = subprocess.run(
+        ["bash", str(SCRIPTS[0]), "ipc=1"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 2
     assert "not found" in proc.stderr
     bad = subprocess.run(["bash", str(SCRIPTS[0]), "--address"], capture_output=True, text=True, timeout=30)

@@ -31,6 +31,10 @@ def _load_scheduler(root: Path) -> DDIMScheduler:
     return DDIMScheduler.from_config(json.loads((sched_dir / "scheduler_config.json").read_text()))
 
 
+def _to(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    return module.to(device) if dtype == torch.float32 else module.to(device, dtype)
+
+
 class DiTBackbone(Backbone):
     def __init__(
         self,
@@ -46,8 +50,8 @@ class DiTBackbone(Backbone):
         self.name = name
         self.device = torch.device(device)
         self.dtype = dtype
-        self.transformer = transformer.to(self.device, dtype).eval().requires_grad_(False)
-        self.vae = vae.to(self.device, dtype).eval().requires_grad_(False) if vae is not None else None
+        self.transformer = _to(transformer, self.device, dtype).eval().requires_grad_(False)
+        self.vae = _to(vae, self.device, dtype).eval().requires_grad_(False) if vae is not None else None
         cfg = transformer.config
         self.num_model_classes = int(cfg.num_embeds_ada_norm)  # null class id = num_model_classes
         self.in_channels = int(cfg.in_channels)

@@ -100,6 +100,8 @@ class Augmenter:
 
     def crop_flip(self, x: Tensor, crop: bool = True, flip: bool = True) -> Tensor:
         """RandomResizedCrop + horizontal flip as one affine ``grid_sample`` per image."""
+        if not crop and not flip:
+            return x
         n, _, h, w = x.shape
         if crop:
             cw, ch, cx, cy = self._rrc_boxes(n, h, w)  # (N,) each, pixels
@@ -110,8 +112,6 @@ class Augmenter:
         tx, ty = 2 * cx / w - 1, 2 * cy / h - 1  # crop centre in [-1, 1]
         if flip:
             sx = torch.where(self._rand(n) < 0.5, -sx, sx)
-        if crop is False and not flip:
-            return x
         theta = torch.zeros(n, 2, 3)
         theta[:, 0, 0], theta[:, 0, 2] = sx, tx
         theta[:, 1, 1], theta[:, 1, 2] = sy, ty
@@ -187,7 +187,9 @@ class Augmenter:
 
     # -- batch mixing ----------------------------------------------------------------------------
 
-    def mix(self, x: Tensor, kind: str, beta: float = 1.0, p: float = 1.0) -> tuple[Tensor, Tensor | None, float]:
+    def mix(
+        self, x: Tensor, kind: str, beta: float = 1.0, p: float = 1.0
+    ) -> tuple[Tensor, Tensor | None, float]:
         """CutMix / mixup of a batch with a random permutation of itself.
 
         Returns (mixed x, partner index or None, lam) where lam is the weight of the original

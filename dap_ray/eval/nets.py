@@ -67,7 +67,9 @@ def create(name: str, num_classes: int, resolution: int, channels: int = 3, **kw
     m = re.fullmatch(r"convnet(\d)", key)
     if m and 1 <= int(m.group(1)) <= 8:
         return _build_convnet(int(m.group(1)), num_classes, resolution, channels, **kwargs)  # type: ignore[arg-type]
-    raise UserError(f"unknown evaluation net {name!r}; valid names: {', '.join(list_nets())} (or convnet1..convnet8)")
+    raise UserError(
+        f"unknown evaluation net {name!r}; valid names: {', '.join(list_nets())} (or convnet1..convnet8)"
+    )
 
 
 def embed(model: nn.Module, x: Tensor) -> Tensor:

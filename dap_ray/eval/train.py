@@ -153,6 +153,7 @@ class TrainConfig:
             "mix": "none",
             "metric": "last",
         }
+        base["eval_every"] = int(kw.get("epochs", base["epochs"]))  # type: ignore[call-overload]
         return cls(**{**base, **kw})  # type: ignore[arg-type]
 
     def with_(self, **kw: object) -> TrainConfig:
@@ -222,7 +223,9 @@ def _stats(cfg: TrainConfig, x: Tensor) -> tuple[tuple[float, ...], tuple[float,
 def build_model(arch: str, num_classes: int, x_train: Tensor, cfg: TrainConfig) -> nets.Normalized:
     """``nets.create`` for the shape of ``x_train`` (N, C, R, R), wrapped with input normalisation."""
     mean, std = _stats(cfg, x_train)
-    net = nets.create(arch, num_classes, int(x_train.shape[-1]), channels=int(x_train.shape[1]), **cfg.net_kwargs)
+    net = nets.create(
+        arch, num_classes, int(x_train.shape[-1]), channels=int(x_train.shape[1]), **cfg.net_kwargs
+    )
     return nets.Normalized(net, mean, std)
 
 

@@ -1,0 +1,176 @@
+"""python -m dap_ray.distill — bank → sample → evaluate → report, for every method in `methods`.
+
+With no arguments this is the embedded default: scikit-learn's real digits, the packaged digits DiT,
+local Ray on CPU, IPC 10, random_real / vanilla / dap, hard-label evaluation over 3 seeds.
+Every stage writes files under out_dir and skips work that is already there, so re-running the
+same command after a crash resumes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import fsspec
+from omegaconf import OmegaConf
+
+from dap_ray.cli import run_main
+from dap_ray.config import config_hash, guidance_layer, to_structured, validate, validate_against_backbone
+from dap_ray.errors import UserError
+
+log = logging.getLogger("dap_ray.distill")
+
+
+def method_hash(cfg: Any, method: str) -> str:
+    """What determines a method's images: if it changes, old images in out_dir must not be reused."""
+    parts = {"method": method, "seed": cfg.seed, "ipc": cfg.ipc, "dataset": cfg.dataset, "model": cfg.model}
+    if method != "random_real":
+        parts["sampler"] = {k: v for k, v in OmegaConf.to_container(cfg.sampler).items() if k != "batch_size"}
+        parts["batch"] = cfg.sampler.batch_size  # fixed batch composition is part of byte-identity
+    if method in ("dap", "d3hr", "diver"):
+        parts["knobs"] = cfg.method
+        parts["bank"] = {"seed": cfg.bank.seed}
+    return config_hash(OmegaConf.create(OmegaConf.to_container(OmegaConf.create(parts), resolve=True)))
+
+
+def _check_method_dir(run_dir: str, method: str, h: str) -> None:
+    fs, p = fsspec.core.url_to_fs(f"{run_dir}/{method}/config_hash.txt")
+    if fs.exists(p):
+        old = fs.cat_file(p).decode().strip()
+        if old != h:
+            raise UserError(
+                f"{run_dir}/{method} holds images made with a different config (hash {old}, now {h}); "
+                "use another out_dir or delete that folder"
+            )
+    else:
+        fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(p, (h + "\n").encode())
+
+
+def write_manifest(run_dir: str, method: str, rows: list[dict], h: str) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = sorted(rows, key=lambda r: (r["label"], r["index"]))
+    table = pa.table({
+        "class": [r["class"] for r in rows],
+        "label": pa.array([int(r["label"]) for r in rows], pa.int32()),
+        "index": pa.array([int(r["index"]) for r in rows], pa.int32()),
+        "seed": pa.array([int(r["seed"]) for r in rows], pa.uint64()),
+        "method": [method] * len(rows),
+        "config_hash": [h] * len(rows),
+        "path": [f"images/{r['class']}/{int(r['index']):05d}.png" for r in rows],
+    })
+    path = f"{run_dir}/{method}/manifest.parquet"
+    fs, p = fsspec.core.url_to_fs(path)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    fs.pipe_file(p, sink.getvalue().to_pybytes())
+    return path
+
+
+def prepare(cfg_raw: Any) -> tuple[Any, Any, Any]:
+    """Validate the config, resolve the dataset, load the backbone on the driver."""
+    from dap_ray.backbones import load_backbone
+    from dap_ray.data import resolve_dataset
+
+    cfg = to_structured(cfg_raw)
+    validate(cfg)
+    ds = cfg.dataset
+    dataset = resolve_dataset(ds.name, ds.root, OmegaConf.to_container(ds.classes) if OmegaConf.is_config(ds.classes) else ds.classes,
+                              train_dir=ds.train_dir, test_dir=ds.test_dir, test_fraction=ds.test_fraction, seed=ds.split_seed,
+                              cache_dir=_expand(cfg.cache_dir))
+    needs_model = any(m != "random_real" for m in cfg.methods)
+    backbone = None
+    if needs_model or True:  # the driver copy is CPU-only and gives schedule, shapes, layer names
+        backbone = load_backbone(OmegaConf.to_container(cfg.model, resolve=True), "cpu")
+        validate_against_backbone(cfg, backbone)
+        backbone.bind_classes(dataset.classes)
+    return cfg, dataset, backbone
+
+
+def _expand(path: str) -> str:
+    import os
+
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def run(cfg_raw: Any) -> int:
+    from dap_ray.data import write_skipped_csv
+    from dap_ray.methods import RunContext, get_method
+    from dap_ray.runtime import init_ray
+
+    t_start = time.time()
+    cfg, dataset, backbone = prepare(cfg_raw)
+    run_dir = _expand(cfg.out_dir)
+    fs, rp = fsspec.core.url_to_fs(run_dir)
+    fs.makedirs(rp, exist_ok=True)
+    fs.pipe_file(f"{rp}/config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+    log.info("run directory: %s", run_dir)
+    log.info("dataset: %s, %d classes, %d train / %d test images", dataset.name, len(dataset.classes), len(dataset.train), len(dataset.test))
+    ray_info = init_ray(cfg.runtime)
+    log.info("ray: %s", ray_info)
+    timings: dict[str, float] = {}
+    methods = [get_method(m) for m in cfg.methods]
+
+    # 1. bank
+    bank = None
+    if "bank" in cfg.stages and any(m.uses_bank for m in methods):
+        from dap_ray.bank import build_bank, make_spec
+
+        t0 = time.time()
+        layers = [guidance_layer(cfg)] + [str(x) for x in (cfg.bank.layers or []) if str(x) != guidance_layer(cfg)]
+        spec = make_spec(cfg, backbone, layers)
+        bank = build_bank(spec, dataset, _expand(cfg.cache_dir), num_actors=int(cfg.runtime.bank_actors),
+                          gpus_per_actor=float(cfg.runtime.gpus_per_actor), cpus_per_actor=float(cfg.runtime.cpus_per_actor))
+        timings["bank"] = time.time() - t0
+        log.info("bank: %s (%d images, %s, %d skipped)", bank.path, bank.meta["images"], "reused" if bank.meta.get("reused") else f"{bank.meta.get('images_per_second')} img/s", len(bank.skipped))
+    skipped = list(bank.skipped) if bank is not None else []
+    skipped_csv = write_skipped_csv(run_dir, skipped)
+    if skipped:
+        log.warning("%d unreadable input file(s) skipped; listed in %s", len(skipped), skipped_csv)
+
+    # 2. sample
+    ctx = RunContext(cfg=cfg, dataset=dataset, backbone_info=backbone, run_dir=run_dir, bank=bank)
+    if "sample" in cfg.stages:
+        for m in methods:
+            if m.uses_bank and bank is None:
+                raise UserError(f"method {m.name} needs the bank stage (stages={list(cfg.stages)})")
+            t0 = time.time()
+            h = method_hash(cfg, m.name)
+            _check_method_dir(run_dir, m.name, h)
+            rows = m.run(ctx)
+            write_manifest(run_dir, m.name, rows, h)
+            timings[f"sample/{m.name}"] = time.time() - t0
+            log.info("%s: %d images in %s/%s/images (%.1fs)", m.name, len(rows), run_dir, m.name, timings[f"sample/{m.name}"])
+
+    # 3. evaluate
+    results = None
+    if "evaluate" in cfg.stages:
+        from dap_ray.eval.run import evaluate_run
+
+        t0 = time.time()
+        results = evaluate_run(cfg, dataset, run_dir, [m.name for m in methods], bank=bank, backbone=backbone)
+        timings["evaluate"] = time.time() - t0
+
+    # 4. report
+    timings["total"] = time.time() - t_start
+    if "report" in cfg.stages and results is not None:
+        from dap_ray.report import write_report
+
+        extra = {"timings_s": {k: round(v, 1) for k, v in timings.items()}, "ray": ray_info, "skipped": len(skipped),
+                 "bank": None if bank is None else {k: bank.meta.get(k) for k in ("key", "images", "images_per_second", "image_timesteps_per_second", "build_seconds", "reused")}}
+        table = write_report(cfg, run_dir, results, extra)
+        print(table)
+    log.info("done in %.0fs; outputs in %s", time.time() - t_start, run_dir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("dap_ray.distill", __doc__, "distill", run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
