@@ -50,6 +50,7 @@ def compose(config_name: str, overrides: Sequence[str], config_dir: Path = CONFI
             raise ConfigError(key, value, f"one of {', '.join(options[key])}")
         if "=" not in ov:
             raise UserError(f"override {ov!r} is not key=value (see --help)")
+    register_schemas()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
@@ -59,6 +60,10 @@ def compose(config_name: str, overrides: Sequence[str], config_dir: Path = CONFI
     except (ConfigCompositionException, MissingConfigException, HydraException) as e:
         msg = str(e).splitlines()[0]
         cause = e.__cause__
+        full_key = getattr(cause, "full_key", None)
+        if full_key and "Could not override" not in msg and "not in struct" not in str(cause).lower():
+            value = next((ov.split("=", 1)[1] for ov in overrides if ov.lstrip("+~").split("=", 1)[0] == full_key), "?")
+            raise ConfigError(str(full_key), value, str(cause).splitlines()[0]) from None
         if cause is not None and "not in struct" in str(cause).lower() or "Could not override" in msg:
             key = msg.split("'")[1] if "'" in msg else "?"
             parent = key.rsplit(".", 1)[0] if "." in key else ""
@@ -67,6 +72,19 @@ def compose(config_name: str, overrides: Sequence[str], config_dir: Path = CONFI
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(key, "(unknown key)", f"valid keys{' of ' + parent if parent else ''}: {', '.join(base)}{hint}") from None
         raise UserError(msg) from None
+
+
+def register_schemas() -> None:
+    """Put the dataclass schemas in Hydra's ConfigStore: the primary configs list them first in their
+    defaults, so every key the schema has can be overridden and any other key is an error."""
+    from hydra.core.config_store import ConfigStore
+
+    from dap_ray import config as C
+
+    cs = ConfigStore.instance()
+    cs.store(name="distill_schema", node=C.DistillConfig)
+    if hasattr(C, "TuneConfig"):
+        cs.store(name="tune_schema", node=C.TuneConfig)
 
 
 def _schema_keys(config_name: str, parent: str) -> list[str]:

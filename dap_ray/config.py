@@ -74,6 +74,8 @@ class MethodConfig:
     d3hr_groups: int = 1000  # candidate noise groups
     d3hr_inversion_steps: int = 50
     d3hr_stats: list[str] = field(default_factory=lambda: ["mean", "std", "skew"])
+    d3hr_invert_t: int | None = None  # timestep the inversion stops at; null = the top (full inversion, the paper)
+    d3hr_inversion_cfg: float = 1.0  # CFG scale of the inversion (1 = conditional only, exactly invertible ODE)
     # DIVER
     diver_source: str | None = None  # an ImageFolder of distilled images to refine; null = this run's random_real
     diver_start_t: int = 600
@@ -202,8 +204,11 @@ def validate(cfg: Any) -> None:
     _check(m.rff_features >= 1, "method.rff_features", m.rff_features, "an integer >= 1")
     _check(m.d3hr_groups >= 1, "method.d3hr_groups", m.d3hr_groups, "an integer >= 1")
     _check(m.d3hr_inversion_steps >= 1, "method.d3hr_inversion_steps", m.d3hr_inversion_steps, "an integer >= 1")
+    _check(len(m.d3hr_stats) >= 1, "method.d3hr_stats", list(m.d3hr_stats), "a non-empty list of mean, std, skew, kurtosis")
     for s in m.d3hr_stats:
         _choice("method.d3hr_stats", s, ("mean", "std", "skew", "kurtosis"))
+    _check(m.d3hr_invert_t is None or m.d3hr_invert_t >= 0, "method.d3hr_invert_t", m.d3hr_invert_t, "null (full inversion) or an integer in [0, T]")
+    _check(m.d3hr_inversion_cfg >= 1.0, "method.d3hr_inversion_cfg", m.d3hr_inversion_cfg, "a number >= 1 (1 = no classifier-free guidance)")
     _check(m.diver_start_t >= 0, "method.diver_start_t", m.diver_start_t, "an integer in [0, T]")
     _check(m.diver_fusion_t >= 0, "method.diver_fusion_t", m.diver_fusion_t, "an integer in [0, T]")
     _check(m.diver_gamma >= 0, "method.diver_gamma", m.diver_gamma, "a number >= 0")
@@ -252,6 +257,8 @@ def validate_against_backbone(cfg: Any, backbone: Any) -> None:
     layers = [guidance_layer(cfg)] + [str(x) for x in (cfg.bank.layers or [])]
     for layer in layers:
         _choice("method.layer", layer, backbone.layer_names)
+    if cfg.method.d3hr_invert_t is not None:
+        _check(0 <= cfg.method.d3hr_invert_t <= T, "method.d3hr_invert_t", cfg.method.d3hr_invert_t, f"null (full inversion) or an integer in [0, {T}]")
     for key in ("t_stop", "diver_start_t", "diver_fusion_t"):
         v = getattr(cfg.method, key)
         _check(0 <= v <= T, f"method.{key}", v, f"an integer in [0, {T}] (T = the model's training timesteps)")
@@ -269,3 +276,53 @@ def require(value: Any, key: str, what: str) -> Any:
     if value is None or value is MISSING:
         raise UserError(f"{key} is required: {what}")
     return value
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m dap_ray.tune: the distill schema plus a `tune` section (validated in dap_ray.tune)
+# ---------------------------------------------------------------------------------------------
+
+SEARCHERS = ("random", "grid", "optuna")
+TUNE_SCHEDULERS = ("asha", "fifo")
+
+
+@dataclass
+class TuneSettings:
+    """The sweep: search space, searcher, ASHA, per-trial budget and resources, storage, resume.
+
+    `space` maps a dotted config key to a distribution, nested or flat in YAML, e.g.
+    `{method: {gamma: {type: loguniform, low: 0.5, high: 20}}}` or `{"method.gamma": {...}}`;
+    types: uniform, loguniform, quniform (q), randint, lograndint (integer bounds inclusive), choice
+    (values), grid (values). Checked in dap_ray.tune.parse_space (needs the loaded model for layers).
+    """
+
+    space: dict[str, Any] = field(default_factory=dict)
+    searcher: str = "random"  # random | grid | optuna (falls back to random when optuna is missing)
+    num_samples: int = 8  # random: trials per grid point; grid: repeats of the whole grid
+    max_concurrent: int = 0  # 0 = as many trials as the cluster's resources allow
+    scheduler: str = "asha"  # asha (stops bad trials early) | fifo (every trial runs all epochs)
+    grace_period: int = 10  # epochs a trial runs before ASHA may stop it
+    reduction_factor: int = 2  # ASHA keeps 1/reduction_factor of the trials at each rung
+    ipc: int = 2  # images per class each trial samples (small: trials are many)
+    arch: str = "convnet"  # evaluation net of each trial (and of the final test)
+    epochs: int = 60  # training epochs of each trial's evaluation net
+    eval_every: int = 5  # report val_acc every k epochs (ASHA's rungs are in epochs)
+    val_per_class: int = 20  # real training images per class held out for validation (never in the bank)
+    val_seed: int = 0  # which images are held out
+    test_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # seeds of the final test of the best config
+    test_best: bool = True  # retrain the best config and evaluate it on the real test split at the end
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0  # fractions share a GPU between trials
+    sampler_actors: int = 0  # 0 = sample inside the trial process; k > 0 = k sampler actors in the trial's placement group
+    reuse_actors: bool = True  # keep trial workers alive between trials (saves the torch/diffusers import)
+    storage_path: str | None = None  # local path or s3:// URI; null = <out_dir>/ray_results
+    name: str = "sweep"  # experiment folder under storage_path
+    resume: bool = False  # continue an interrupted sweep (Tuner.restore with resume_errored=True)
+    max_failures: int = 1  # retries of a trial that crashed (e.g. its node died)
+
+
+@dataclass
+class TuneConfig(DistillConfig):
+    out_dir: str = "runs/tune"
+    methods: list[str] = field(default_factory=lambda: ["dap"])
+    tune: TuneSettings = field(default_factory=TuneSettings)

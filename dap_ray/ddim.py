@@ -32,9 +32,16 @@ def ddim_step(
     alpha_bar_prev: float,
     eta: float = 0.0,
     noise: torch.Tensor | None = None,
+    clip_x0: float | None = None,
 ) -> torch.Tensor:
-    """x_{t-1} = √ᾱ_prev x̂₀ + √(1−ᾱ_prev−σ²) ε + σ z, with σ = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1−ᾱ_t/ᾱ_prev)."""
+    """x_{t-1} = √ᾱ_prev x̂₀ + √(1−ᾱ_prev−σ²) ε + σ z, with σ = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1−ᾱ_t/ᾱ_prev).
+
+    clip_x0: clamp x̂₀ to [−c, c] and re-derive ε from it (diffusers' `clip_sample`), which keeps
+    pixel-space models stable at high t where 1/√ᾱ_t amplifies every error in ε."""
     x0 = predict_x0(x_t, eps, alpha_bar_t)
+    if clip_x0 is not None:
+        x0 = x0.clamp(-clip_x0, clip_x0)
+        eps = (x_t - alpha_bar_t**0.5 * x0) / (1 - alpha_bar_t) ** 0.5
     sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t)) ** 0.5 * (1 - alpha_bar_t / alpha_bar_prev) ** 0.5
     x_prev = alpha_bar_prev**0.5 * x0 + max(1 - alpha_bar_prev - sigma**2, 0.0) ** 0.5 * eps
     if sigma > 0:

@@ -1,65 +1,183 @@
-"""Ray init/attach: join the cluster we are in (ray job submit, `ray start` node, KubeRay) or start
-local Ray; never initialise twice (Hydra multirun, Tune trials, tests calling main() repeatedly).
+"""Ray init/attach: join the cluster we are in (ray job submit, `ray start` node, KubeRay) or start a
+private local Ray; never initialise twice (Hydra multirun, Tune trials, tests calling main() again).
 
-Token authentication: Ray reads its token from the environment (`RAY_AUTH_TOKEN` /
-`RAY_AUTH_TOKEN_PATH` with `RAY_AUTH_MODE=token`), so nothing here handles or logs credentials.
+Where to attach, in order (`_existing_cluster_address`):
+
+1. `runtime.address` from the config (`auto`, `host:port`, `ray://...`; `local` forces a private Ray);
+2. `RAY_ADDRESS` — `ray job submit` sets it in the driver to the cluster's GCS address, and so do
+   KubeRay RayJobs;
+3. a `ray start` node on this machine (its address file, `<ray temp dir>/ray_current_cluster`), if
+   its GCS port still answers — a file left by a killed node must not hang the run for minutes;
+4. otherwise a private local Ray (`address="local"`, so Ray cannot pick up a stale address file
+   itself), its dashboard off.
+
+An `http://` address is the dashboard / job API (what `ray job submit --address` takes), not a
+cluster address: that is a user error with a message saying what to do, never a traceback.
+
+Token authentication (Ray >= 2.52: `RAY_AUTH_MODE=token` with `RAY_AUTH_TOKEN`,
+`RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token`): Ray reads it from the environment itself, so this
+module neither reads, sets nor logs those variables. Attaching to a node found through its address
+file goes through `address="auto"`, which is how Ray enables token mode for a `ray start` node that
+has a token; a job driver inherits `RAY_AUTH_MODE` from the node.
+
+Credentials: S3 keys are never put into a Ray runtime_env (it is stored with the job and shown in
+the dashboard and `ray list jobs`). A private local Ray is started by this process, so its workers
+inherit the whole environment, keys included; on a cluster, workers get the environment of
+`ray start` (or the Kubernetes Secret). Only non-secret settings (endpoint, region, caches) are
+forwarded by name when attaching from outside a job submission.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
+import threading
+from collections.abc import Mapping
 from typing import Any
+
+from dap_ray.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
-# Environment a worker needs to reach S3 (moto/MinIO endpoints included) — forwarded by *name* only.
-FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HOME", "DAP_RAY_CACHE")
+# Non-secret settings a worker needs to reach S3 (moto/MinIO endpoints included) and the caches:
+# forwarded by *name* when attaching to a cluster from an interactive driver.
+FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HOME", "DAP_RAY_CACHE")
+# Never forwarded: a runtime_env is stored with the job and shown in the dashboard.
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# Set by Ray's job manager in the environment of a submitted job's driver.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+_HTTP_HINT = ("is the dashboard / job API address (what `ray job submit` and jobs/submit.sh take), not a cluster "
+              "address: submit the run with jobs/submit.sh, or give the GCS address host:6379, 'auto' (the Ray "
+              "node on this machine) or 'local' (a private local Ray)")
+
+_lock = threading.Lock()
+_info: dict | None = None  # what the first init_ray of this process attached to (plus its GCS address)
 
 
-def _existing_cluster_address(cfg_address: str | None) -> str | None:
-    """Where to attach: explicit config, RAY_ADDRESS (set by `ray job submit` and KubeRay), or a local
-    `ray start` node (its address file in the temp dir); None = start a private local Ray."""
-    if cfg_address:
-        return cfg_address
-    if os.environ.get("RAY_ADDRESS"):
-        return os.environ["RAY_ADDRESS"]
+def _is_http(address: str) -> bool:
+    return address.lower().startswith(("http://", "https://"))
+
+
+def _gcs_reachable(address: str, timeout_s: float = 2.0) -> bool:
+    """Does something accept TCP connections at host:port? (A dead node's address hangs ray.init.)"""
+    host, _, port = address.strip().rpartition(":")
     try:
-        from ray._private.services import get_ray_address_from_environment  # noqa: F401
-        from ray._private.utils import read_ray_address
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
 
-        addr = read_ray_address()
-        if addr:
-            return "auto"
-    except Exception:  # noqa: BLE001 - private API; absence just means "no local node"
-        pass
-    return None
+
+def _local_node_address(address_file: str | None = None) -> str | None:
+    """The GCS address a `ray start` on this machine recorded, if that node still answers."""
+    try:
+        if address_file is None:
+            from ray._common.utils import get_ray_address_file
+
+            address_file = get_ray_address_file(None)
+        with open(address_file) as f:
+            address = f.read().strip()
+    except (OSError, ImportError):  # no file: no `ray start` node here (ImportError: Ray moved it)
+        return None
+    if not address:
+        return None
+    if not _gcs_reachable(address):
+        log.info("ignoring %s: the Ray node it names (%s) does not answer (stopped without `ray stop`?)", address_file, address)
+        return None
+    return address
+
+
+def _existing_cluster_address(cfg_address: str | None, env: Mapping[str, str] | None = None,
+                              address_file: str | None = None) -> str | None:
+    """Where to attach: the value for `ray.init(address=...)`, or None to start a private local Ray.
+
+    `env` and `address_file` default to the process environment and Ray's address file; tests pass
+    their own. Raises ConfigError/UserError for an http:// address (a dashboard, not a cluster).
+    """
+    env = os.environ if env is None else env
+    for key, value in (("runtime.address", cfg_address), ("RAY_ADDRESS", env.get("RAY_ADDRESS"))):
+        value = str(value).strip() if value is not None else ""
+        if not value:
+            continue
+        if _is_http(value):
+            if key == "runtime.address":
+                raise ConfigError(key, value, "a Ray cluster address: " + _HTTP_HINT.split(": ", 1)[1])
+            raise UserError(f"RAY_ADDRESS={value} {_HTTP_HINT}; or unset RAY_ADDRESS")
+        if value == "local":
+            return None
+        return value
+    # A `ray start` node on this machine: attach with "auto" (Ray then resolves the same file and,
+    # unlike an explicit address, turns on token authentication when the node has a token).
+    return "auto" if _local_node_address(address_file) else None
+
+
+def runtime_env_for_attach(env: Mapping[str, str] | None = None) -> dict | None:
+    """The runtime_env a driver passes when it attaches to a cluster (None = pass none).
+
+    Inside a submitted job the job's own runtime_env (working_dir, env_vars) already reaches every
+    worker, and Ray refuses to merge a driver runtime_env that repeats one of its env var names, so
+    nothing is passed there. Otherwise only the non-secret FORWARD_ENV names are forwarded.
+    """
+    env = os.environ if env is None else env
+    if JOB_CONFIG_ENV in env:
+        return None
+    env_vars = {k: env[k] for k in FORWARD_ENV if env.get(k)}
+    return {"env_vars": env_vars} if env_vars else None
+
+
+def _current_gcs_address() -> str | None:
+    import ray
+
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - informational only
+        return None
 
 
 def init_ray(runtime: Any | None = None, *, quiet: bool = True) -> dict:
-    """Initialise Ray once; returns a short description of what we attached to."""
+    """Initialise Ray once per process; returns a short, credential-free description of the cluster:
+    {"mode": "attached" | "local" | "already-initialized", "gcs_address": ..., "python": the driver's
+    interpreter (on a cluster: the environment `ray start` ran from)}.
+
+    A second call (Hydra multirun, Tune, tests) returns the first call's description while that Ray
+    is still up; a Ray someone else initialised (a test fixture) is used as it is.
+    """
+    global _info
     import ray
 
-    if ray.is_initialized():
-        return {"mode": "already-initialized"}
-    address = _existing_cluster_address(getattr(runtime, "address", None) if runtime is not None else None)
-    env_vars = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
-    runtime_env = {"env_vars": env_vars} if env_vars else None
-    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "logging_level": logging.WARNING if quiet else logging.INFO, "log_to_driver": True}
-    if address:
-        try:
-            ray.init(address=address, runtime_env=runtime_env, **kwargs)
-            log.info("attached to Ray cluster at %s", address)
-            return {"mode": "attached", "address": address}
-        except ConnectionError:
-            if getattr(runtime, "address", None):  # the user asked for this cluster explicitly
-                raise
-            log.warning("no Ray cluster reachable at %s; starting local Ray", address)
-    num_cpus = getattr(runtime, "num_cpus", None) if runtime is not None else None
-    host = getattr(runtime, "dashboard_host", "127.0.0.1") if runtime is not None else "127.0.0.1"
-    # A private local Ray: dashboard bound to localhost only, workers inherit the S3 environment.
-    ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host=host, runtime_env=runtime_env, **kwargs)
-    return {"mode": "local", "num_cpus": num_cpus}
+    with _lock:
+        if ray.is_initialized():
+            gcs = _current_gcs_address()
+            if _info is not None and _info.get("gcs_address") == gcs:
+                return dict(_info)
+            return {"mode": "already-initialized", "address": gcs}
+        cfg_address = getattr(runtime, "address", None) if runtime is not None else None
+        address = _existing_cluster_address(cfg_address)
+        kwargs: dict[str, Any] = {"logging_level": logging.WARNING if quiet else logging.INFO, "log_to_driver": True}
+        if address is not None:
+            if not address.startswith(("auto", "ray://")) and not _gcs_reachable(address, timeout_s=5.0):
+                source = "runtime.address" if cfg_address else "RAY_ADDRESS"
+                raise UserError(f"{source}={address}: no Ray cluster answers there; start one (`ray start --head`), "
+                                "fix the address, or unset it to run on a private local Ray")
+            if any(os.environ.get(k) for k in SECRET_ENV) and JOB_CONFIG_ENV not in os.environ:
+                log.info("attaching to a Ray cluster: S3 credentials of this shell are not sent to its workers "
+                         "(they get the environment of `ray start` or the Kubernetes Secret)")
+            try:
+                ray.init(address=address, runtime_env=runtime_env_for_attach(), **kwargs)
+            except ConnectionError as e:
+                raise UserError(f"could not attach to the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+            _info = {"mode": "attached", "address": address, "gcs_address": _current_gcs_address(), "python": sys.executable}
+            log.info("attached to the Ray cluster at %s", _info["gcs_address"] or address)
+            return dict(_info)
+        num_cpus = getattr(runtime, "num_cpus", None) if runtime is not None else None
+        # A private local Ray: "local" so Ray itself ignores RAY_ADDRESS and stale address files; no
+        # dashboard; its processes are children of this one, so workers inherit the S3 environment.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        _info = {"mode": "local", "num_cpus": num_cpus, "gcs_address": _current_gcs_address(), "python": sys.executable}
+        return dict(_info)
 
 
 def device_for(gpus: float) -> str:

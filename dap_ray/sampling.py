@@ -81,6 +81,8 @@ def sample_latents(
         ts = [t for t in ts if t <= start_t]
     ab = backbone.alphas_cumprod
     fa = final_alpha(backbone)
+    sc = backbone.scheduler_config
+    clip = float(sc.get("clip_sample_range", 1.0)) if sc.get("clip_sample", False) else None
     for i, t in enumerate(ts):
         a_t = ddim.alpha_bar(ab, t)
         a_prev = ddim.alpha_bar(ab, ts[i + 1] if i + 1 < len(ts) else -1, fa)
@@ -96,7 +98,7 @@ def sample_latents(
         z = None
         if eta > 0:
             z = torch.randn(x.shape, generator=eta_generator).to(x.device)
-        x = ddim.ddim_step(x, eps, a_t, a_prev, eta, z)
+        x = ddim.ddim_step(x, eps, a_t, a_prev, eta, z, clip_x0=clip)
     return x
 
 
@@ -190,7 +192,10 @@ class SamplerWorker:
             x, start_t = self.job.start.latents(self.backbone, item, seeds)
         else:
             x = torch.stack([initial_noise(self.backbone.latent_shape, s) for s in seeds])
-        lat = sample_latents(self.backbone, x, y, self.job.steps, self.job.cfg_scale, self.job.eta, self.guidance,
+        guidance = self.guidance
+        if guidance is not None and hasattr(guidance, "for_item"):  # per-image targets (DIVER's inherited latents)
+            guidance = guidance.for_item(self.backbone, item, seeds)
+        lat = sample_latents(self.backbone, x, y, self.job.steps, self.job.cfg_scale, self.job.eta, guidance,
                              eta_generator=torch.Generator().manual_seed(seeds[0]), start_t=start_t)
         with torch.no_grad():
             images = self.backbone.tensor_to_images(self.backbone.decode(lat))

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from dap_ray.backbones.base import Backbone, pool_features, resolve_model_dir
-from dap_ray.errors import ConfigError
+from dap_ray.errors import ConfigError, UserError
 
 __all__ = ["Backbone", "load_backbone", "model_fingerprint", "pool_features", "BACKBONES", "torch_dtype"]
 
@@ -19,6 +19,10 @@ __all__ = ["Backbone", "load_backbone", "model_fingerprint", "pool_features", "B
 def _load_dit(cfg: Mapping[str, Any], device: str, dtype: torch.dtype) -> Backbone:
     from dap_ray.backbones.dit import DiTBackbone
 
+    name = cfg.get("name")
+    if cfg.get("path") is None and name not in (None, "digits_dit"):  # only the digits DiT ships with dap_ray
+        raise UserError(f"model.path is required for model={name}: a local diffusers DiT pipeline directory "
+                        "(transformer/, vae/, scheduler/) or a Hugging Face cache dir (models--org--name)")
     return DiTBackbone.from_pretrained(cfg.get("path"), latent_scale=cfg.get("latent_scale"), name=cfg.get("name", "dit"), device=device, dtype=dtype)
 
 

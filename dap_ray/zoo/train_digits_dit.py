@@ -75,7 +75,7 @@ def train(steps: int, batch: int, lr: float, seed: int, p_uncond: float = 0.1, l
     gen = torch.Generator().manual_seed(seed)
     x_np, y_np = digits_train_arrays()
     x_all, y_all = to_model_space(x_np), torch.from_numpy(y_np).long()
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", clip_sample=False)
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", clip_sample=True)
     ab = sched.alphas_cumprod.float()
     model = build_model(seed).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -95,9 +95,10 @@ def train(steps: int, batch: int, lr: float, seed: int, p_uncond: float = 0.1, l
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
+        with torch.no_grad():  # EMA with warm-up: early (random) weights must not dominate a short run
+            decay = min(0.999, (1 + step) / (10 + step))
             for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - 0.999)
+                pe.lerp_(pm, 1 - decay)
         if step % log_every == 0 or step == steps:
             print(f"step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
     return ema, sched, time.time() - t0
@@ -166,7 +167,7 @@ def save_grid(imgs: np.ndarray, per_class: int, path: Path, cols: int = 10) -> N
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -175,7 +176,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ema, sched, secs = train(args.steps, args.batch, args.lr, args.seed)
-    meta = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed, "ema": 0.999,
+    meta = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed, "ema": "0.999 with warm-up min(0.999, (1+step)/(10+step))",
             "train_seconds": round(secs, 1), "torch": torch.__version__}
     save(ema, sched, args.out, meta)
     rate, imgs = recognition_rate(args.out)

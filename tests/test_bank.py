@@ -1,0 +1,186 @@
+"""The Ray Data feature bank against a plain torch loop; determinism; bad files; Parquet; cache."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from dap_ray.backbones import load_backbone, model_fingerprint
+from dap_ray.bank import BankSpec, build_bank, featurize, load_bank
+from dap_ray.data import resolve_dataset
+from dap_ray.sampling import schedule
+
+pytestmark = pytest.mark.integration
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """3 classes named like digits (the tiny DiT's class keys) x 7 good images, plus bad files."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for c in ("1", "4", "7"):
+        d = root / c
+        d.mkdir()
+        for i in range(7):
+            (d / f"img{i}.png").write_bytes(_png(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)))
+    bad = root / "4"
+    (bad / "zero.jpg").write_bytes(b"")
+    (bad / "text.jpg").write_text("this is not an image")
+    good_jpeg = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(good_jpeg, format="JPEG")
+    (bad / "trunc.jpg").write_bytes(good_jpeg.getvalue()[: len(good_jpeg.getvalue()) // 2])
+    Image.fromarray(rng.integers(0, 255, (9, 9), dtype=np.uint8), mode="L").save(root / "7" / "gray.png")
+    Image.fromarray(rng.integers(0, 255, (9, 9, 4), dtype=np.uint8), mode="RGBA").save(root / "7" / "rgba.png")
+    Image.fromarray((rng.integers(0, 65535, (9, 9))).astype(np.uint16)).save(root / "1" / "deep16.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(folder, tiny_dit_dir):
+    ds = resolve_dataset("imagefolder", str(folder), None, test_fraction=0.2, seed=0)
+    model = {"type": "dit", "path": str(tiny_dit_dir), "name": "tiny"}
+    bb = load_backbone(model)
+    bb.bind_classes(ds.classes)
+    spec = BankSpec(model=model, model_fingerprint=model_fingerprint(model), layers=("0", "2"),
+                    timesteps=tuple(schedule(bb, 4)), pooling="tokens", seed=3, resolution=8, batch_size=4)
+    return ds, bb, spec
+
+
+def _plain_loop_stats(ds, bb, spec):
+    """The reference: a single-process loop over the same images, no Ray."""
+    from dap_ray.data import BadImageError, load_image
+
+    sums = {layer: np.zeros((len(ds.classes), len(spec.timesteps), 256)) for layer in spec.layers}
+    count = np.zeros(len(ds.classes), int)
+    for r in ds.train:
+        try:
+            img = load_image(r.path, spec.resolution)
+        except BadImageError:
+            continue
+        f = featurize(bb, spec, img[None], np.array([r.label]), [r.id])
+        count[r.label] += 1
+        for layer in spec.layers:
+            sums[layer][r.label] += f[layer][0]
+    return count, sums
+
+
+def test_bank_equals_plain_loop(setup, ray_session, tmp_path):
+    ds, bb, spec = setup
+    bank = build_bank(spec, ds, str(tmp_path), num_actors=1, progress=False)
+    count, sums = _plain_loop_stats(ds, bb, spec)
+    np.testing.assert_array_equal(bank.stats.count, count)
+    for layer in spec.layers:
+        # float32 features, float64 sums: per-image features agree to float32 rounding across batch sizes
+        np.testing.assert_allclose(bank.stats.sum[layer], sums[layer], rtol=1e-5, atol=1e-5)
+    st = bank.class_stats("0", 1, spec.timesteps[0])
+    assert st["mean"].shape == (256,) and int(st["count"]) == count[1]
+
+
+def test_same_bank_for_actors_and_batch_sizes(setup, ray_session, tmp_path):
+    ds, _, spec = setup
+    a = build_bank(spec, ds, str(tmp_path / "a"), num_actors=1, progress=False)
+    b = build_bank(BankSpec(**{**spec.__dict__, "batch_size": 3}), ds, str(tmp_path / "b"), num_actors=2, progress=False)
+    assert a.path.rsplit("/", 1)[-1] == b.path.rsplit("/", 1)[-1]  # batch size is not part of the key
+    np.testing.assert_array_equal(a.stats.count, b.stats.count)
+    for layer in spec.layers:
+        np.testing.assert_allclose(a.stats.sum[layer], b.stats.sum[layer], rtol=1e-6, atol=1e-6)
+    fa = a.read_features("2")
+    fb = b.read_features("2")
+    assert fa.column("id").to_pylist() == fb.column("id").to_pylist()
+    np.testing.assert_allclose(fa.column("feature").combine_chunks().flatten().to_numpy(),
+                               fb.column("feature").combine_chunks().flatten().to_numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_files_are_skipped_and_listed(setup, ray_session, tmp_path):
+    ds, _, spec = setup
+    bank = build_bank(spec, ds, str(tmp_path), num_actors=1, progress=False)
+    skipped = dict(bank.skipped)
+    names = {p.rsplit("/", 1)[-1]: r for p, r in skipped.items()}
+    train_names = {r.path.rsplit("/", 1)[-1] for r in ds.train}
+    for bad, reason in (("zero.jpg", "zero-byte"), ("text.jpg", "not an image"), ("trunc.jpg", "truncated")):
+        if bad in train_names:
+            assert names[bad].startswith(reason), names
+    for good in ("gray.png", "rgba.png", "deep16.png"):
+        assert good not in names
+    usable = sum(1 for r in ds.train if r.path.rsplit("/", 1)[-1] not in ("zero.jpg", "text.jpg", "trunc.jpg"))
+    assert bank.stats.count.sum() == usable
+
+
+def test_parquet_reads_back_with_plain_pyarrow(setup, ray_session, tmp_path):
+    ds, _, spec = setup
+    bank = build_bank(spec, ds, str(tmp_path), num_actors=1, progress=False)
+    files = sorted((tmp_path / "banks").rglob("layer=0/*.parquet"))
+    assert files
+    t = pq.read_table(files[0])
+    assert set(t.column_names) >= {"id", "path", "label", "timestep", "layer", "feature"}
+    arr = np.stack(t.column("feature").to_numpy(zero_copy_only=False))
+    assert arr.shape == (t.num_rows, 256) and arr.dtype == np.float32
+    assert set(t.column("timestep").to_pylist()) <= set(spec.timesteps)
+    assert bank.meta["images_per_second"] > 0
+
+
+def test_cache_reuse_new_key_and_half_written(setup, ray_session, tmp_path):
+    ds, _, spec = setup
+    first = build_bank(spec, ds, str(tmp_path), num_actors=1, progress=False)
+    again = build_bank(spec, ds, str(tmp_path), num_actors=1, progress=False)
+    assert again.path == first.path and again.meta.get("reused") is True
+    other = build_bank(BankSpec(**{**spec.__dict__, "seed": 4}), ds, str(tmp_path), num_actors=1, progress=False)
+    assert other.path != first.path
+    # a bank without its commit marker is never used: it is resumed/rebuilt instead
+    import os
+
+    os.remove(os.path.join(first.path, "_COMMIT"))
+    assert load_bank(first.path, spec, ds.classes) is None
+    rebuilt = build_bank(spec, ds, str(tmp_path), num_actors=1, progress=False)
+    np.testing.assert_array_equal(rebuilt.stats.count, first.stats.count)
+    for layer in spec.layers:
+        np.testing.assert_allclose(rebuilt.stats.sum[layer], first.stats.sum[layer], rtol=1e-9)
+
+
+def test_resume_after_partial_build(setup, ray_session, tmp_path, monkeypatch):
+    """Shards committed before a crash are reused; the rest is built; the result equals a clean build."""
+    import dap_ray.bank as bank_mod
+
+    ds, _, spec = setup
+    clean = build_bank(spec, ds, str(tmp_path / "clean"), num_actors=1, progress=False)
+    monkeypatch.setattr(bank_mod, "SHARD_IMAGES", 4)
+    crash_dir = tmp_path / "crash"
+    calls = {"n": 0}
+    real_write = bank_mod._write_bytes
+
+    def crashing_write(fs, path, data):
+        if path.endswith(".done.json"):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt("simulated driver kill")
+        return real_write(fs, path, data)
+
+    monkeypatch.setattr(bank_mod, "_write_bytes", crashing_write)
+    with pytest.raises(KeyboardInterrupt):
+        build_bank(spec, ds, str(crash_dir), num_actors=1, progress=False)
+    monkeypatch.setattr(bank_mod, "_write_bytes", real_write)
+    markers = list(crash_dir.rglob("part-*.done.json"))
+    assert len(markers) == 2
+    done_before = {i for m in markers for i in json.loads(m.read_text())["ids"]}
+    resumed = build_bank(spec, ds, str(crash_dir), num_actors=1, progress=False)
+    np.testing.assert_array_equal(resumed.stats.count, clean.stats.count)
+    for layer in spec.layers:
+        np.testing.assert_allclose(resumed.stats.sum[layer], clean.stats.sum[layer], rtol=1e-6, atol=1e-6)
+    ids = resumed.read_features("0").column("id").to_pylist()
+    assert len(ids) == len(set(ids)) * 1 or True
+    per_image = {}
+    for i in ids:
+        per_image[i] = per_image.get(i, 0) + 1
+    assert set(per_image.values()) == {len(spec.timesteps)}  # no duplicated rows
+    assert done_before < set(per_image)

@@ -1,0 +1,154 @@
+"""Every shipped config composes; every validation error is a one-line message with exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from dap_ray.cli import compose, group_options
+from dap_ray.config import CONFIG_DIR, DistillConfig, to_structured, validate, validate_against_backbone
+from dap_ray.distill import main
+from dap_ray.errors import ConfigError, UserError
+
+pytestmark = pytest.mark.unit
+
+
+def _options():
+    return [(g, o) for g, opts in group_options().items() if g != "tune" for o in opts]
+
+
+@pytest.mark.parametrize("group,option", _options())
+def test_every_group_option_composes(group, option):
+    extra = {"dataset": {"imagefolder": ["dataset.root=/data"]}, "model": {"dit_xl2_256": ["model.path=/m"], "sd15": ["model.path=/m"]}}
+    cfg = compose("distill", [f"{group}={option}"] + extra.get(group, {}).get(option, []))
+    structured = to_structured(cfg)
+    validate(structured)
+
+
+def test_every_yaml_file_is_reachable():
+    files = {p.relative_to(CONFIG_DIR).as_posix() for p in CONFIG_DIR.rglob("*.yaml")}
+    covered = {"distill.yaml", "tune.yaml"} | {f"{g}/{o}.yaml" for g, opts in group_options().items() for o in opts}
+    assert files <= covered, files - covered
+
+
+def test_default_is_the_embedded_default():
+    cfg = to_structured(compose("distill", []))
+    assert cfg.dataset.name == "digits" and cfg.model.name == "digits_dit" and cfg.ipc == 10
+    assert list(cfg.methods) == ["random_real", "vanilla", "dap"]
+    assert OmegaConf.get_type(cfg) is DistillConfig
+
+
+@pytest.mark.parametrize(
+    "override,key,needle",
+    [
+        (["method.gamma=-1"], "method.gamma", ">= 0"),
+        (["ipc=0"], "ipc", ">= 1"),
+        (["methods=[dap,nope]"], "methods", "random_real"),
+        (["sampler.eta=2"], "sampler.eta", "[0, 1]"),
+        (["sampler.cfg_scale=0.5"], "sampler.cfg_scale", ">= 1"),
+        (["method.kernel=cosine"], "method.kernel", "linear, rbf"),
+        (["method.pooling=max"], "method.pooling", "tokens, mean"),
+        (["eval.archs=[convnet,vgg99]"], "eval.archs", "resnetap10"),
+        (["eval.protocol=zero_shot"], "eval.protocol", "hard_label"),
+        (["dataset=imagefolder", "dataset.root=null"], "dataset.root", "required"),
+        (["runtime.sampler_actors=0"], "runtime.sampler_actors", ">= 1"),
+        (["sampler.dtype=fp8"], "sampler.dtype", "bf16"),
+    ],
+)
+def test_value_errors_name_key_value_and_range(override, key, needle):
+    cfg = to_structured(compose("distill", override))
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert e.value.key == key
+    assert needle in str(e.value)
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        compose("distill", ["method.gamm=3"])
+    msg = str(e.value)
+    assert "method.gamm" in msg and "gamma" in msg and "t_stop" in msg
+
+
+def test_unknown_group_option_lists_options():
+    with pytest.raises(ConfigError) as e:
+        compose("distill", ["model=dit_xxl"])
+    assert "digits_dit" in str(e.value) and "sd15" in str(e.value)
+
+
+def test_unknown_key_in_a_yaml_file_is_an_error(tmp_path):
+    cfg = compose("distill", [])
+    raw = OmegaConf.to_container(cfg)
+    raw["method"]["gammma"] = 1.0
+    with pytest.raises(ConfigError) as e:
+        to_structured(OmegaConf.create(raw))
+    assert "gammma" in str(e.value) and "gamma" in str(e.value)
+
+
+def test_wrong_type_is_an_error():
+    with pytest.raises(ConfigError) as e:
+        to_structured(compose("distill", ["ipc=ten"]))
+    assert e.value.key == "ipc" and "ten" in str(e.value)
+
+
+class _FakeBackbone:
+    num_train_timesteps = 1000
+    layer_names = ["0", "1", "2"]
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [(["method.layer=7"], "method.layer"), (["method.t_stop=1001"], "method.t_stop"), (["method.diver_start_t=-3"], "method.diver_start_t")],
+)
+def test_backbone_dependent_errors(override, key):
+    cfg = to_structured(compose("distill", override))
+    with pytest.raises(ConfigError) as e:
+        validate_against_backbone(cfg, _FakeBackbone())
+    assert e.value.key == key
+    if key == "method.layer":
+        assert "0, 1, 2" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["method.gamma=-1"], "method.gamma"),
+        (["method.t_stop=5000"], "method.t_stop"),
+        (["method.layer=99"], "method.layer"),
+        (["ipc=0"], "ipc"),
+        (["model=nope"], "model"),
+        (["methods=[nope]"], "methods"),
+        (["dataset=nope"], "dataset"),
+        (["foo=1"], "foo"),
+        (["--bogus"], "--bogus"),
+    ],
+)
+def test_cli_user_errors_exit_2_with_one_line(argv, needle, capsys):
+    assert main(argv + ["stages=[sample]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and needle in err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+def test_help_lists_groups_and_options(tmp_path):
+    """`python -m dap_ray.distill --help` from another working directory (not the repo root)."""
+    out = subprocess.run([sys.executable, "-m", "dap_ray.distill", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for needle in ("dataset", "model", "method", "runtime", "digits_dit", "sd15", "imagefolder", "gamma", "t_stop", "ipc"):
+        assert needle in out.stdout
+
+
+def test_missing_dataset_root_is_exit_2(tmp_path, capsys):
+    assert main(["dataset=imagefolder", f"dataset.root={tmp_path / 'nope'}", f"out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "Traceback" not in err
+
+
+def test_user_error_class_hierarchy():
+    assert issubclass(ConfigError, UserError) and UserError.exit_code == 2
+    assert Path(CONFIG_DIR, "distill.yaml").is_file()
