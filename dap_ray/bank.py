@@ -373,9 +373,15 @@ def build_bank(
     t0 = time.time()
     n_images = 0
     if todo:
+        # Leave room for the decode tasks: actors that hold every CPU would starve them (deadlock).
+        total_cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        decode_cpus = min(0.5, total_cpus / 4)
+        if num_actors * cpus_per_actor > total_cpus - decode_cpus:
+            cpus_per_actor = max(0.1, (total_cpus - decode_cpus) / num_actors)
         items = [{"id": r.id, "path": r.path, "label": r.label} for r in todo]
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // max(spec.batch_size, 1), 64)))
-        ds = ds.map_batches(decode_batch, fn_kwargs={"resolution": spec.resolution}, batch_size=spec.batch_size, batch_format="numpy")
+        ds = ds.map_batches(decode_batch, fn_kwargs={"resolution": spec.resolution}, batch_size=spec.batch_size, batch_format="numpy",
+                            num_cpus=decode_cpus)
         ds = ds.map_batches(
             BankFeaturizer,
             fn_constructor_kwargs={"spec": spec, "classes": dataset.classes},

@@ -83,6 +83,7 @@ def register_schemas() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="distill_schema", node=C.DistillConfig)
+    cs.store(name="evaluate_schema", node=C.EvaluateConfig)
     if hasattr(C, "TuneConfig"):
         cs.store(name="tune_schema", node=C.TuneConfig)
 
@@ -90,7 +91,7 @@ def register_schemas() -> None:
 def _schema_keys(config_name: str, parent: str) -> list[str]:
     from dap_ray import config as C
 
-    schema = C.TuneConfig if config_name == "tune" and hasattr(C, "TuneConfig") else C.DistillConfig
+    schema = {"tune": getattr(C, "TuneConfig", C.DistillConfig), "evaluate": C.EvaluateConfig}.get(config_name, C.DistillConfig)
     node = OmegaConf.structured(schema)
     if parent:
         node = OmegaConf.select(node, parent)

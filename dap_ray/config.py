@@ -110,6 +110,7 @@ class EvalConfig:
     epochs: int | None = None  # null = the recipe's, scaled with IPC (dap_ray.eval.train.epochs_for_ipc)
     batch_size: int | None = None  # null = the recipe's
     lr: float | None = None  # null = the recipe's
+    augment: str | None = None  # null = the recipe's (idc: rrc+flip+jitter+lighting); e.g. "rrc+jitter" for digits
     teacher_arch: str = "resnet18"
     teacher_epochs: int = 30
     temperature: float | None = None  # soft label; null = the recipe's (RDED: 20)
@@ -146,6 +147,16 @@ class DistillConfig:
     bank: BankConfig = field(default_factory=BankConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+@dataclass
+class EvaluateConfig(DistillConfig):
+    """python -m dap_ray.evaluate: evaluate any ImageFolder of distilled images (<data>/<class>/*.png)."""
+
+    data: str | None = None  # the distilled set (local or s3://), one folder per class key
+    name: str = "distilled"  # the set's name in tables and plots
+    subsample: list[int] | None = None  # e.g. [100, 50, 10]: the first k images per class of one set
+    metrics: bool = True  # representativeness 1/d and t-SNE in the model's feature space
 
 
 STAGES = ("bank", "sample", "evaluate", "report")
@@ -228,6 +239,12 @@ def validate(cfg: Any) -> None:
     _check(e.epochs is None or e.epochs >= 1, "eval.epochs", e.epochs, "null (scaled with IPC) or an integer >= 1")
     _check(e.batch_size is None or e.batch_size >= 1, "eval.batch_size", e.batch_size, "null or an integer >= 1")
     _check(e.lr is None or e.lr > 0, "eval.lr", e.lr, "null or a number > 0")
+    if e.augment is not None:
+        from dap_ray.eval.augment import OPS, PRESETS
+
+        ops = [o for o in str(e.augment).split("+") if o]
+        _check(e.augment in PRESETS or (ops and all(o in OPS for o in ops)), "eval.augment", e.augment,
+               f"a preset ({', '.join(PRESETS)}) or '+'-joined ops from {', '.join(OPS)}")
     _check(e.teacher_epochs >= 1, "eval.teacher_epochs", e.teacher_epochs, "an integer >= 1")
     _check(e.temperature is None or e.temperature > 0, "eval.temperature", e.temperature, "null or a number > 0")
     _check(e.max_test is None or e.max_test >= 1, "eval.max_test", e.max_test, "null or an integer >= 1")

@@ -88,8 +88,8 @@ def plot_accuracy(rows: Sequence[dict], methods: Sequence[str], archs: Sequence[
     plt.close(fig)
 
 
-def plot_grid(run_dir: str, method: str, classes: Sequence[Any], path: str, per_class: int = 10) -> None:
-    """One row per class, the first `per_class` images of the method."""
+def plot_grid(folder: str, method: str, classes: Sequence[Any], path: str, per_class: int = 10) -> None:
+    """One row per class, the first `per_class` images of `folder` (<folder>/<class>/*.png)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,7 +97,7 @@ def plot_grid(run_dir: str, method: str, classes: Sequence[Any], path: str, per_
 
     from dap_ray.eval.run import distilled_records
 
-    recs = distilled_records(f"{run_dir}/{method}/images", classes, per_class)
+    recs = distilled_records(folder, classes, per_class)
     if not recs:
         return
     rows = min(len(classes), 20)
@@ -148,7 +148,7 @@ def plot_tsne(tsne: Sequence[dict], path: str) -> None:
     plt.close(fig)
 
 
-def write_report(cfg: Any, run_dir: str, results: dict, extra: dict | None = None) -> str:
+def write_report(cfg: Any, run_dir: str, results: dict, extra: dict | None = None, image_root: str | None = None) -> str:
     """results.json, report.md and plots/; returns the markdown table (printed by the CLI)."""
     methods = list(dict.fromkeys(r["method"] for r in results["rows"]))
     archs = list(cfg.eval.archs)
@@ -167,7 +167,8 @@ def write_report(cfg: Any, run_dir: str, results: dict, extra: dict | None = Non
     plots = f"{run_dir}/plots"
     plot_accuracy(results["rows"], methods, archs, f"{plots}/accuracy.png", res_label)
     for m in methods:
-        plot_grid(run_dir, m, cfg_classes(cfg, run_dir, results), f"{plots}/grid_{m}.png")
+        folder = f"{run_dir}/{m}/images" if image_root is None else image_root
+        plot_grid(folder, m, results.get("classes") or [], f"{plots}/grid_{m}.png")
     metrics = results.get("metrics") or {}
     if metrics.get("tsne"):
         plot_tsne(metrics["tsne"], f"{plots}/tsne.png")
@@ -192,8 +193,3 @@ def write_report(cfg: Any, run_dir: str, results: dict, extra: dict | None = Non
            "accuracy over periodic evaluations; `acc_last` in results.json is the final one)."]
     fs.pipe_file(f"{rp}/report.md", "\n".join(md).encode())
     return table
-
-
-def cfg_classes(cfg: Any, run_dir: str, results: dict) -> list:
-    """The class list of the run (from the resolved dataset the caller attached)."""
-    return results.get("classes") or []

@@ -670,30 +670,52 @@ def write_plots(df: Any, dims: Sequence[Dim], out_dir: str) -> list[str]:
 # -- the best configuration -------------------------------------------------------------------
 
 
-def format_override(key: str, value: Any) -> str | None:
-    """`key=value` as Hydra parses it back to the same value; None when the value holds whitespace
-    (`$(cat best_overrides.txt)` splits words and keeps quotes literal, so it could not round-trip)."""
-    value = _plain(value)
+def _hydra_parse(text: str) -> Any:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(f"k={text}").value()
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values of the same types (2 != "2" here: a quoted layer name must stay a string)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _override_text(value: Any) -> str:
     if value is None:
-        text = "null"
-    elif isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, float):
-        text = repr(value)
-    elif isinstance(value, int):
-        text = str(value)
-    elif isinstance(value, (list, tuple)):
-        parts = [format_override("x", v) for v in value]
-        if any(p is None for p in parts):
-            return None
-        text = "[" + ",".join(p.split("=", 1)[1] for p in parts) + "]"  # type: ignore[union-attr]
-    else:
-        text = str(value)
-        if any(ch.isspace() for ch in text):
-            return None
-        if any(ch in text for ch in "'\",[]{}()=\\$`*?#"):
-            text = "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    return f"{key}={text}"
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_text(_plain(v)) for v in value) + "]"
+    text = str(value)
+    try:
+        if _same(_hydra_parse(text), text):
+            return text
+    except Exception:  # noqa: BLE001 - the grammar rejects it unquoted: quote it
+        pass
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def format_override(key: str, value: Any) -> str | None:
+    """`key=value` that Hydra parses back to the same value and type (strings that look like numbers,
+    booleans or hold grammar characters are quoted); None when that is impossible in a file read with
+    `$(cat best_overrides.txt)`: the shell splits words at whitespace and keeps quotes literal."""
+    value = _plain(value)
+    if isinstance(value, tuple):
+        value = list(value)
+    text = _override_text(value)
+    if any(ch.isspace() for ch in text):
+        return None
+    try:
+        ok = _same(_hydra_parse(text), value)
+    except Exception:  # noqa: BLE001
+        ok = False
+    return f"{key}={text}" if ok else None
 
 
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:

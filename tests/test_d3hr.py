@@ -128,10 +128,10 @@ def test_distribution_stats_match_scipy():
 def _constructed_groups() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Four groups of 4 noises in D=3 against a class with mean 0, std 1, skew 0, kurtosis -2:
     index 0: mean off by 0.5; 1: right mean/std, skewed; 2: exact match; 3: std doubled."""
-    sym = torch.tensor([-1.0, 1.0, -1.0, 1.0])[:, None].expand(4, 3)  # mean 0, std 1, skew 0, kurt -2
+    sym = torch.tensor([-1.0, 1.0, -1.0, 1.0], dtype=torch.float64)[:, None].expand(4, 3)  # mean 0, std 1, skew 0, kurt -2
     a = 1 / math.sqrt(3)
-    skewed = torch.tensor([a, a, a, -3 * a])[:, None].expand(4, 3)  # mean 0, std 1, skew -2/sqrt(3)
-    cands = torch.stack([sym + 0.5, skewed, sym, 2 * sym]).double()
+    skewed = torch.tensor([a, a, a, -3 * a], dtype=torch.float64)[:, None].expand(4, 3)  # mean 0, std 1, skew -2/sqrt(3)
+    cands = torch.stack([sym + 0.5, skewed, sym, 2 * sym])
     target = {"mean": torch.zeros(3), "std": torch.ones(3), "skew": torch.zeros(3), "kurtosis": torch.full((3,), -2.0)}
     return cands, target
 

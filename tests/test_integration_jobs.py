@@ -255,17 +255,26 @@ def ray_head():
         head.stop()
 
 
+_POLL = """
+import sys, time
+from ray.job_submission import JobSubmissionClient
+client = JobSubmissionClient(sys.argv[1])
+deadline = time.time() + float(sys.argv[3])
+while True:
+    status = client.get_job_status(sys.argv[2])
+    if status.is_terminal() or time.time() > deadline:
+        print(status.value)
+        break
+    time.sleep(3)
+"""
+
+
 def _wait_for_job(head: Head, job_id: str, timeout_s: float = JOB_TIMEOUT_S) -> str:
-    deadline = time.time() + timeout_s
-    status = "?"
-    while time.time() < deadline:
-        r = head.ray("job", "status", "--address", head.dashboard, job_id, check=False)
-        for word in ("SUCCEEDED", "FAILED", "STOPPED"):
-            if f": {word}" in r.stdout or f"'{word}'" in r.stdout or r.stdout.rstrip().endswith(word):
-                return word
-        status = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr.strip()[-300:]
-        time.sleep(3)
-    raise TimeoutError(f"job {job_id} did not finish in {timeout_s}s (last status: {status})")
+    """Poll the job API (with the head's token, like `ray job status`) until the job ends."""
+    r = subprocess.run([sys.executable, "-c", _POLL, head.dashboard, job_id, str(timeout_s)], env=head.env,
+                       capture_output=True, text=True, timeout=timeout_s + 120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.strip().splitlines()[-1]
 
 
 @pytest.mark.integration

@@ -133,7 +133,7 @@ def test_axis_bins_continuous_values_and_keeps_discrete_ones():
     ("key", "value"),
     [("method.gamma", 3.2145678901234), ("method.layer", "2"), ("method.t_stop", 0), ("model.path", "/tmp/a-b/c_d.x"),
      ("dataset.classes", ["n01440764", "n02102040"]), ("sampler.cfg_scale", 1.0), ("bank.max_per_class", None),
-     ("method.kernel", "rbf"), ("dataset.root", "s3://bucket/image,woof")],
+     ("method.kernel", "rbf"), ("dataset.root", "s3://bucket/image,woof"), ("dataset.classes", ["0", "1"]), ("model.name", "true")],
 )
 def test_override_lines_round_trip_through_distill(key, value):
     line = format_override(key, value)
@@ -141,7 +141,7 @@ def test_override_lines_round_trip_through_distill(key, value):
     got = OmegaConf.to_container(cfg, resolve=True)
     for part in key.split("."):
         got = got[part]
-    assert got == value or (key == "method.layer" and str(got) == value)
+    assert got == value and type(got) is type(value)
     assert format_override("model.prompt_template", "a photo of a {name}") is None  # spaces: left to the yaml
 
 
@@ -231,11 +231,11 @@ def test_quick_sweep_end_to_end(tiny_dit_dir, tmp_path, cache_dir, ray_session, 
     best = df.iloc[0]
     lines = (out / "best_overrides.txt").read_text().split()
     assert lines[-3:] == [f"method.gamma={float(best['method.gamma'])!r}", f"method.t_stop={int(best['method.t_stop'])}",
-                          f"method.layer={best['method.layer']}"]
+                          f"method.layer='{best['method.layer']}'"]  # quoted: a layer name stays a string
     assert f"model.path={tiny_dit_dir}" in lines and "sampler.steps=5" in lines
     dcfg = to_structured(compose("distill", lines), DistillConfig)
     validate(dcfg)
-    assert (dcfg.method.gamma, dcfg.method.t_stop, str(dcfg.method.layer)) == (best["method.gamma"], best["method.t_stop"], best["method.layer"])
+    assert (dcfg.method.gamma, dcfg.method.t_stop, dcfg.method.layer) == (best["method.gamma"], best["method.t_stop"], best["method.layer"])
     assert dcfg.model.path == str(tiny_dit_dir) and dcfg.sampler.steps == 5 and list(dcfg.dataset.classes) == ["0", "1", "2", "3"]
     doc = OmegaConf.load(out / "best_config.yaml")
     assert doc.trial_id == best["trial_id"] and doc.val_acc_best == pytest.approx(best["val_acc_best"])

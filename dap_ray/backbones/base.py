@@ -201,7 +201,7 @@ class Backbone(ABC):
 
     def images_to_tensor(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (B,H,W,3) -> float (B,3,H,W) in [-1,1] on the device."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        x = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).to(self.device)
         return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
     @staticmethod

@@ -87,6 +87,8 @@ def train_config(cfg: Any, ipc: int, nclass: int, arch: str):
         over["lr"] = float(e.lr)
     if e.temperature is not None:
         over["temperature"] = float(e.temperature)
+    if e.augment is not None:
+        over["augment"] = str(e.augment)
     return tc.with_(**over) if over else tc
 
 

@@ -1,0 +1,81 @@
+"""python -m dap_ray.evaluate data=DIR — evaluate any ImageFolder of distilled images.
+
+The set may come from dap_ray or from another tool: one folder per class key (the dataset's folder
+names / wnids, or 0..9 for digits), images in any readable format. `subsample=[100,50,10]` evaluates
+the first k images per class of the one set (sorted by file name). Output: results.json, report.md
+and plots/ in out_dir, and the accuracy table on stdout.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import fsspec
+from omegaconf import OmegaConf
+
+from dap_ray.cli import run_main
+from dap_ray.config import EvaluateConfig, to_structured, validate
+from dap_ray.errors import ConfigError, UserError
+
+log = logging.getLogger("dap_ray.evaluate")
+
+
+def run(cfg_raw: Any) -> int:
+    from dap_ray.data import resolve_dataset
+    from dap_ray.distill import _expand
+    from dap_ray.eval.run import distilled_records, evaluate_sets
+    from dap_ray.report import write_report
+    from dap_ray.runtime import init_ray
+
+    cfg = to_structured(cfg_raw, EvaluateConfig)
+    validate(cfg)
+    if not cfg.data:
+        raise ConfigError("data", cfg.data, "the folder of distilled images (<data>/<class>/*.png)")
+    fs, p = fsspec.core.url_to_fs(cfg.data)
+    if not fs.isdir(p):
+        raise UserError(f"data={cfg.data!r} is not a folder")
+    for k in cfg.subsample or []:
+        if k < 1:
+            raise ConfigError("subsample", list(cfg.subsample), "positive integers, e.g. [100,50,10]")
+    ds = cfg.dataset
+    dataset = resolve_dataset(ds.name, ds.root, OmegaConf.to_container(ds.classes) if OmegaConf.is_config(ds.classes) else ds.classes,
+                              train_dir=ds.train_dir, test_dir=ds.test_dir, test_fraction=ds.test_fraction, seed=ds.split_seed,
+                              cache_dir=_expand(cfg.cache_dir))
+    full = distilled_records(cfg.data, dataset.classes)
+    if not full:
+        raise UserError(f"no images under {cfg.data}/<class>/ for classes {[c.key for c in dataset.classes][:5]}...")
+    missing = [c.key for c in dataset.classes if not any(r.label == c.index for r in full)]
+    if missing:
+        log.warning("no distilled images for class(es) %s", ", ".join(missing))
+    sets = {}
+    for k in cfg.subsample or [None]:
+        sets[cfg.name if k is None else f"{cfg.name}@ipc{k}"] = distilled_records(cfg.data, dataset.classes, k)
+    run_dir = _expand(cfg.out_dir)
+    init_ray(cfg.runtime)
+    rows = evaluate_sets(cfg, dataset, sets, f"{run_dir}/eval", _expand(cfg.cache_dir))
+    results: dict[str, Any] = {"rows": rows, "classes": list(dataset.classes)}
+    if cfg.metrics:
+        try:
+            from dap_ray.backbones import load_backbone
+            from dap_ray.metrics import representativeness
+
+            bb = load_backbone(OmegaConf.to_container(cfg.model, resolve=True), "cpu")
+            bb.bind_classes(dataset.classes)
+            results["metrics"] = representativeness(cfg, dataset, sets, bb, run_dir)
+        except UserError as e:
+            log.warning("representativeness metric skipped: %s", e)
+    fsr, rp = fsspec.core.url_to_fs(run_dir)
+    fsr.makedirs(rp, exist_ok=True)
+    fsr.pipe_file(f"{rp}/config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+    print(write_report(cfg, run_dir, results, {"data": cfg.data}, image_root=cfg.data))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("dap_ray.evaluate", __doc__, "evaluate", run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

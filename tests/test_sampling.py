@@ -1,0 +1,154 @@
+"""Guided DDIM and the sampler actor pool: γ=0 ≡ vanilla, DAP lowers the energy, determinism, resume."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dap_ray import ddim
+from dap_ray.backbones import load_backbone, model_fingerprint
+from dap_ray.backbones.dit import DIGITS_DIT_DIR
+from dap_ray.bank import BankSpec, build_bank, featurize
+from dap_ray.data import resolve_dataset
+from dap_ray.data.types import ClassInfo
+from dap_ray.guidance import class_energy
+from dap_ray.methods.dap import DAPGuidance, DAPGuidanceRecipe
+from dap_ray.sampling import (
+    SamplerJob,
+    initial_noise,
+    run_pool,
+    sample_latents,
+    schedule,
+    seed_for,
+    work_items,
+)
+
+CLASSES = tuple(ClassInfo(i, str(i), str(i)) for i in range(10))
+
+
+def test_ddim_schedule_matches_diffusers():
+    from diffusers import DDIMScheduler
+
+    s = DDIMScheduler(num_train_timesteps=1000)
+    s.set_timesteps(50)
+    assert ddim.ddim_timesteps(1000, 50) == s.timesteps.tolist()
+
+
+@pytest.mark.unit
+def test_ddim_step_matches_diffusers():
+    from diffusers import DDIMScheduler
+
+    s = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
+    s.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(2, 1, 8, 8, generator=g), torch.randn(2, 1, 8, 8, generator=g)
+    t, prev = int(s.timesteps[3]), int(s.timesteps[4])
+    ref = s.step(eps, t, x, eta=0.0).prev_sample
+    ours = ddim.ddim_step(x, eps, float(s.alphas_cumprod[t]), float(s.alphas_cumprod[prev]))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_seeds_are_stable_and_distinct():
+    assert seed_for(0, "sample", "3", 1) == seed_for(0, "sample", "3", 1)
+    assert len({seed_for(0, "sample", c, i) for c in "0123" for i in range(10)}) == 40
+    a = initial_noise((1, 8, 8), 0, "sample", "3", 1)
+    assert torch.equal(a, initial_noise((1, 8, 8), 0, "sample", "3", 1))
+
+
+@pytest.fixture(scope="module")
+def digits_bank(ray_session, tmp_path_factory):
+    """A bank of the real digits of classes 0 and 1 for the packaged digits DiT (10 DDIM steps)."""
+    if not (DIGITS_DIT_DIR / "transformer").is_dir():
+        pytest.skip("the packaged digits DiT is not built")
+    cache = tmp_path_factory.mktemp("bankcache")
+    ds = resolve_dataset("digits", None, ["0", "1"], cache_dir=str(cache))
+    model = {"type": "dit", "path": None, "name": "digits_dit"}
+    bb = load_backbone(model)
+    bb.bind_classes(ds.classes)
+    spec = BankSpec(model=model, model_fingerprint=model_fingerprint(model), layers=("2",), timesteps=tuple(schedule(bb, 10)),
+                    pooling="tokens", seed=0, resolution=8, batch_size=128)
+    return build_bank(spec, ds, str(cache), progress=False), bb, ds
+
+
+@pytest.mark.integration
+def test_gamma_zero_or_t_stop_T_is_exactly_vanilla(digits_bank):
+    bank, bb, _ = digits_bank
+    y = torch.tensor([0, 1, 1])
+    x = torch.stack([initial_noise(bb.latent_shape, 0, "s", int(c), i) for i, c in enumerate(y)])
+    vanilla = sample_latents(bb, x, y, steps=10, cfg_scale=2.0)
+    zero = sample_latents(bb, x, y, steps=10, cfg_scale=2.0, guidance=DAPGuidance(bank, "2", "linear", 0.0, 0, "tokens"))
+    late = sample_latents(bb, x, y, steps=10, cfg_scale=2.0, guidance=DAPGuidance(bank, "2", "linear", 10.0, 1000, "tokens"))
+    assert torch.equal(vanilla, zero) and torch.equal(vanilla, late)
+
+
+@pytest.mark.integration
+def test_dap_lowers_energy_to_the_class_mean(digits_bank):
+    bank, bb, _ = digits_bank
+    n = 8
+    y = torch.tensor([0] * n + [1] * n)
+    x = torch.stack([initial_noise(bb.latent_shape, 0, "s", int(c), i) for i, c in enumerate(y)])
+    guided = DAPGuidance(bank, "2", "linear", 20.0, 0, "tokens")
+    van = sample_latents(bb, x, y, steps=10, cfg_scale=2.0)
+    dap = sample_latents(bb, x, y, steps=10, cfg_scale=2.0, guidance=guided)
+
+    def energy(lat):
+        imgs = bb.tensor_to_images(bb.decode(lat))
+        f = featurize(bb, bank.spec, imgs, y.numpy(), [f"e{i}" for i in range(len(y))])["2"]  # (B, T, D)
+        e = np.zeros(len(y))
+        for ti, t in enumerate(bank.spec.timesteps):
+            for c in (0, 1):
+                m = (y == c).numpy()
+                e[m] += class_energy(torch.from_numpy(f[m, ti]).double(), bank.class_stats("2", c, t), "linear", None).numpy()
+        return e / len(bank.spec.timesteps)
+
+    ev, ed = energy(van), energy(dap)
+    assert ed.mean() < ev.mean(), (ed.mean(), ev.mean())
+    assert (ed < ev).mean() >= 0.75
+
+
+def _job(tiny_dit_dir: Path, out: Path, guidance=None) -> SamplerJob:
+    return SamplerJob(model={"type": "dit", "path": str(tiny_dit_dir)}, classes=CLASSES[:3], out_dir=str(out), seed=7,
+                      steps=4, cfg_scale=2.0, eta=0.0, dtype="fp32", guidance=guidance)
+
+
+def _digest(out: Path) -> dict[str, str]:
+    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*.png"))}
+
+
+@pytest.mark.integration
+def test_pool_size_does_not_change_bytes_and_resume_redoes_only_missing(tiny_dit_dir, ray_session, tmp_path):
+    items = work_items("vanilla", 3, 5, 2)  # 3 classes x IPC 5 in chunks of 2 -> 9 items
+    run_pool(_job(tiny_dit_dir, tmp_path / "one"), items, num_actors=1, progress=False)
+    rows = run_pool(_job(tiny_dit_dir, tmp_path / "two"), items, num_actors=2, progress=False)
+    one, two = _digest(tmp_path / "one"), _digest(tmp_path / "two")
+    assert len(one) == 15 and one == two
+    assert sorted((r["class"], r["index"]) for r in rows) == sorted((c, i) for c in "012" for i in range(5))
+
+    files = sorted((tmp_path / "two").rglob("*.png"))
+    deleted = files[::2]
+    kept_mtimes = {p: p.stat().st_mtime_ns for p in files if p not in deleted}
+    for p in deleted:
+        p.unlink()
+    run_pool(_job(tiny_dit_dir, tmp_path / "two"), items, num_actors=2, progress=False)
+    assert _digest(tmp_path / "two") == one
+    assert all(p.stat().st_mtime_ns == m for p, m in kept_mtimes.items())  # nothing else was rewritten
+
+
+@pytest.mark.integration
+def test_dap_through_the_pool_differs_from_vanilla_and_is_deterministic(digits_bank, ray_session, tmp_path):
+    bank, _, ds = digits_bank
+    recipe = DAPGuidanceRecipe(bank.path, bank.spec, tuple(ds.classes), "2", "linear", 20.0, 0, "tokens")
+    job = SamplerJob(model={"type": "dit", "path": None}, classes=tuple(ds.classes), out_dir=str(tmp_path / "d1"), seed=0,
+                     steps=10, cfg_scale=2.0, eta=0.0, dtype="fp32", guidance=recipe)
+    items = work_items("dap", 2, 4, 4)
+    run_pool(job, items, num_actors=1, progress=False)
+    run_pool(SamplerJob(**{**job.__dict__, "out_dir": str(tmp_path / "d2")}), items, num_actors=2, progress=False)
+    run_pool(SamplerJob(**{**job.__dict__, "out_dir": str(tmp_path / "v"), "guidance": None}), items, num_actors=1, progress=False)
+    d1, d2, v = _digest(tmp_path / "d1"), _digest(tmp_path / "d2"), _digest(tmp_path / "v")
+    assert d1 == d2 and len(d1) == 8
+    assert d1 != v
