@@ -29,6 +29,17 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "BENCHMARKS.md"
 
 
+def quiet_ray_data() -> None:
+    """Ray Data's per-dataset progress logging would drown the benchmark's own output."""
+    import logging
+
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def ensure_repo_on_path() -> None:
     """`python benchmarks/x.py` puts benchmarks/ (not the repo) on sys.path; add the repo root."""
     if str(REPO) not in sys.path:
@@ -279,10 +290,21 @@ def fmt_bytes(n: float | None) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def default_config(model_path: str | None = None):
+    """The embedded default run's composed config (configs/distill.yaml), optionally with another model
+    path: benchmarks take their knobs (steps, CFG, γ, t_stop, layer, batch sizes) from it."""
+    ensure_repo_on_path()
+    from dap_ray.cli import compose
+
+    return compose("distill", [] if model_path is None else [f"model.path={model_path}"])
+
+
 def digits_model_cfg(model_path: str | None) -> dict:
-    """The model config of the embedded default (the packaged digits DiT unless a path is given)."""
-    return {"name": "digits_dit", "type": "dit", "path": None if model_path is None else str(model_path),
-            "resolution": 8, "default_layer": "2"}
+    """The default run's model config as a plain dict (the packaged digits DiT unless a path is given);
+    identical to what `python -m dap_ray.distill` uses, so bank cache keys match the default run's."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(default_config(model_path).model, resolve=True)
 
 
 def digits_setup(model_path: str | None, cache_dir: str | None, device: str = "cpu"):

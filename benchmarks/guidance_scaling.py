@@ -168,7 +168,13 @@ def peak_bytes(fn, device: torch.device) -> int:
 
 def math_only_times(real: torch.Tensor, phi: torch.Tensor, ns: Sequence[int], repeats: int, inner: int) -> dict:
     """Seconds per call of the energy + its gradient w.r.t. phi alone (no network): mean vs exact."""
-    from dap_ray.guidance import class_statistics, energy_exact, energy_gradient, energy_mean_linear, finalize_statistics
+    from dap_ray.guidance import (
+        class_statistics,
+        energy_exact,
+        energy_gradient,
+        energy_mean_linear,
+        finalize_statistics,
+    )
 
     out = {}
     for n in ns:

@@ -431,9 +431,12 @@ def build_bank(
         flush()
         bar.close()
     seconds = time.time() - t0
-    empty = [c.key for c in dataset.classes if acc.count[c.index] == 0]
-    if empty:
-        raise UserError(f"class(es) {', '.join(empty)} have no usable image (see skipped.csv in the run directory)")
+    empty = [c for c in dataset.classes if acc.count[c.index] == 0]
+    if empty:  # skipped.csv is not written yet (the run stops here): name the files and reasons in the message
+        paths = {r.path for r in dataset.train if r.label in {c.index for c in empty}}
+        bad = [f"{p} ({why})" for p, why in sorted(skipped) if p in paths]
+        raise UserError(f"class(es) {', '.join(c.key for c in empty)} have no usable image: {len(bad)} unreadable file(s)"
+                        + (f", e.g. {'; '.join(bad[:2])}" if bad else ""))
     meta = {
         "key": key,
         "images": int(acc.count.sum()),

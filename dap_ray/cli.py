@@ -121,7 +121,7 @@ def run_main(prog: str, doc: str, config_name: str, body: Callable[[Any], int | 
     print_cfg = "--cfg" in argv
     argv = [a for a in argv if a != "--cfg"]
     logging.basicConfig(level=logging.INFO, format="[dap_ray] %(message)s")
-    for noisy in ("ray", "ray.data", "ray.tune", "filelock", "urllib3", "botocore", "s3fs", "fsspec", "matplotlib", "PIL"):
+    for noisy in ("ray", "ray.data", "ray.tune", "filelock", "urllib3", "botocore", "aiobotocore", "s3fs", "fsspec", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         unknown_flags = [a for a in argv if a.startswith("-")]

@@ -206,6 +206,8 @@ def validate(cfg: Any) -> None:
     _check(0.0 < cfg.dataset.test_fraction < 1.0, "dataset.test_fraction", cfg.dataset.test_fraction, "0 < x < 1")
     _choice("model.type", cfg.model.type, MODEL_TYPES)
     _check(cfg.model.resolution >= 8, "model.resolution", cfg.model.resolution, "an integer >= 8")
+    _check(cfg.model.latent_scale is None or cfg.model.latent_scale > 0, "model.latent_scale", cfg.model.latent_scale,
+           "null (the VAE's scaling_factor) or a number > 0")
     m = cfg.method
     _check(m.gamma >= 0, "method.gamma", m.gamma, "a number >= 0")
     _check(m.t_stop >= 0, "method.t_stop", m.t_stop, "an integer in [0, T] (T = the model's training timesteps)")
@@ -251,9 +253,11 @@ def validate(cfg: Any) -> None:
     if e.archs:
         from dap_ray.eval.nets import list_nets
 
-        for a in list(e.archs) + [e.teacher_arch]:
+        for a in e.archs:
             _choice("eval.archs", a, list_nets())
+        _choice("eval.teacher_arch", e.teacher_arch, list_nets())
     r = cfg.runtime
+    _check(r.num_cpus is None or r.num_cpus >= 1, "runtime.num_cpus", r.num_cpus, "null (all of this machine's) or an integer >= 1")
     _check(r.sampler_actors >= 1, "runtime.sampler_actors", r.sampler_actors, "an integer >= 1")
     _check(r.bank_actors >= 1, "runtime.bank_actors", r.bank_actors, "an integer >= 1")
     _check(r.gpus_per_actor >= 0, "runtime.gpus_per_actor", r.gpus_per_actor, "a number >= 0")
@@ -271,9 +275,9 @@ def guidance_layer(cfg: Any) -> str:
 def validate_against_backbone(cfg: Any, backbone: Any) -> None:
     """Checks that need the loaded model: layer names and timestep ranges."""
     T = backbone.num_train_timesteps
-    layers = [guidance_layer(cfg)] + [str(x) for x in (cfg.bank.layers or [])]
-    for layer in layers:
-        _choice("method.layer", layer, backbone.layer_names)
+    _choice("method.layer", guidance_layer(cfg), backbone.layer_names)
+    for layer in [str(x) for x in (cfg.bank.layers or [])]:
+        _choice("bank.layers", layer, backbone.layer_names)
     if cfg.method.d3hr_invert_t is not None:
         _check(0 <= cfg.method.d3hr_invert_t <= T, "method.d3hr_invert_t", cfg.method.d3hr_invert_t, f"null (full inversion) or an integer in [0, {T}]")
     for key in ("t_stop", "diver_start_t", "diver_fusion_t"):

@@ -45,8 +45,10 @@ def _check_method_dir(run_dir: str, method: str, h: str) -> None:
                 "use another out_dir or delete that folder"
             )
     else:
+        from dap_ray.bank import _write_bytes
+
         fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(p, (h + "\n").encode())
+        _write_bytes(fs, p, (h + "\n").encode())  # atomic: a kill mid-write must not leave an empty hash
 
 
 def write_manifest(run_dir: str, method: str, rows: list[dict], h: str) -> str:
@@ -100,11 +102,17 @@ def _expand(path: str) -> str:
 def run(cfg_raw: Any) -> int:
     from dap_ray.data import write_skipped_csv
     from dap_ray.methods import RunContext, get_method
-    from dap_ray.runtime import init_ray
+    from dap_ray.runtime import check_storage, init_ray
 
     t_start = time.time()
     cfg, dataset, backbone = prepare(cfg_raw)
+    for key in ("out_dir", "cache_dir"):  # a missing s3:// bucket: exit 2 now, not a new bucket
+        check_storage(_expand(cfg[key]), key)
     run_dir = _expand(cfg.out_dir)
+    methods = [get_method(m) for m in cfg.methods]
+    if "sample" in cfg.stages:  # refuse a changed config now: before the bank, before config.yaml is overwritten
+        for m in methods:
+            _check_method_dir(run_dir, m.name, method_hash(cfg, m.name))
     fs, rp = fsspec.core.url_to_fs(run_dir)
     fs.makedirs(rp, exist_ok=True)
     fs.pipe_file(f"{rp}/config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
@@ -113,7 +121,6 @@ def run(cfg_raw: Any) -> int:
     ray_info = init_ray(cfg.runtime)
     log.info("ray: %s", ray_info)
     timings: dict[str, float] = {}
-    methods = [get_method(m) for m in cfg.methods]
 
     # 1. bank
     bank = None

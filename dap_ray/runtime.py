@@ -180,6 +180,30 @@ def init_ray(runtime: Any | None = None, *, quiet: bool = True) -> dict:
         return dict(_info)
 
 
+def check_storage(url: str, key: str) -> None:
+    """Fail early, with one line naming the key, when an s3:// location's bucket is missing or
+    cannot be accessed with the credentials of the environment.
+
+    Why: s3fs's makedirs silently *creates* a missing bucket (a typo in out_dir becomes a new
+    bucket), and a credential problem would otherwise surface as a traceback inside a later stage.
+    Local paths are created by the stages themselves and need no check.
+    """
+    if not str(url).startswith(("s3://", "s3a://")):
+        return
+    from dap_ray.data.images import filesystem
+
+    fs, path = filesystem(url)
+    bucket = path.split("/", 1)[0]
+    try:
+        exists = fs.exists(bucket)
+    except Exception as e:  # noqa: BLE001 - no credentials, access denied, endpoint unreachable
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"{key}={url}: cannot access bucket {bucket!r} ({type(e).__name__}: {first})") from None
+    if not exists:
+        raise UserError(f"{key}={url}: bucket {bucket!r} does not exist (or these credentials cannot see it); "
+                        "create it first, dap_ray never creates buckets")
+
+
 def device_for(gpus: float) -> str:
     import torch
 

@@ -9,6 +9,7 @@ on batch composition, the number of actors or the order they finish in.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -17,6 +18,8 @@ import torch
 
 from dap_ray import ddim
 from dap_ray.guidance import energy_gradient, guided_eps
+
+log = logging.getLogger(__name__)
 
 
 class Guidance(Protocol):
@@ -158,13 +161,50 @@ def write_png_atomic(path: str, image) -> None:
         fs.pipe_file(p, buf.getvalue())
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk every PNG ends with
+
+
+def png_complete(fs, path: str, size: int | None = None) -> bool:
+    """Is `path` a whole PNG (signature first, IEND chunk last)? A truncated or zero-byte file under a
+    final name (a copy cut short, a disk that filled up, a writer that was not ours) is not finished
+    work: the sampler regenerates it instead of shipping a broken image."""
+    try:
+        size = fs.size(path) if size is None else size
+        if size is None or size < len(PNG_SIGNATURE) + len(PNG_END):
+            return False
+        with fs.open(path, "rb") as f:
+            head = f.read(len(PNG_SIGNATURE))
+            f.seek(size - len(PNG_END))
+            tail = f.read(len(PNG_END))
+    except (OSError, ValueError):
+        return False
+    return head == PNG_SIGNATURE and tail == PNG_END
+
+
 def existing_indices(out_dir: str, class_key: str) -> set[int]:
+    """Indices of this class's finished images: `<index>.png` files that are whole PNGs.
+
+    Temp files (`*.png.tmp-<pid>`) never count. Local files are checked for a complete PNG; on object
+    stores a PUT is atomic (an object appears whole or not at all), so a non-empty object counts."""
     import fsspec
 
     fs, p = fsspec.core.url_to_fs(f"{out_dir.rstrip('/')}/images/{class_key}")
     if not fs.exists(p):
         return set()
-    return {int(f.rsplit("/", 1)[-1][:-4]) for f in fs.ls(p, detail=False) if f.endswith(".png") and f.rsplit("/", 1)[-1][:-4].isdigit()}
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    local = "file" in protocols or "local" in protocols
+    out = set()
+    for info in fs.ls(p, detail=True):
+        name = info["name"].rsplit("/", 1)[-1]
+        if not (name.endswith(".png") and name[:-4].isdigit()):
+            continue
+        ok = png_complete(fs, info["name"], info.get("size")) if local else bool(info.get("size"))
+        if ok:
+            out.add(int(name[:-4]))
+        else:
+            log.warning("%s is not a complete PNG (truncated or empty); it will be regenerated", info["name"])
+    return out
 
 
 class SamplerWorker:
@@ -221,9 +261,11 @@ def run_pool(job: SamplerJob, items: list[WorkItem], num_actors: int = 1, gpus_p
     from tqdm.auto import tqdm
 
     pending = []
+    have_by_class: dict[int, set[int]] = {}
     for it in items:
-        have = existing_indices(job.out_dir, job.classes[it.label].key)
-        if not all(i in have for i in range(it.start, it.stop)):
+        if it.label not in have_by_class:  # one listing (and PNG check) per class, not per item
+            have_by_class[it.label] = existing_indices(job.out_dir, job.classes[it.label].key)
+        if not all(i in have_by_class[it.label] for i in range(it.start, it.stop)):
             pending.append(it)
     records = [
         {"class": job.classes[it.label].key, "label": it.label, "index": i, "seed": seed_for(job.seed, "sample", job.classes[it.label].key, i)}

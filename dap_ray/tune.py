@@ -594,9 +594,11 @@ def plot_heatmap(df: Any, dx: Dim, dy: Dim, path: str) -> None:
     ys, yl = _axis(ok[dy.key], dy)
     acc = np.full((len(yl), len(xl)), np.nan)
     n = np.zeros((len(yl), len(xl)), int)
+    stopped = np.zeros((len(yl), len(xl)), int)
     cells: dict[tuple[int, int], list[float]] = {}
-    for x, y, a in zip(xs, ys, ok["val_acc_best"]):
+    for x, y, a, st in zip(xs, ys, ok["val_acc_best"], ok["status"]):
         cells.setdefault((yl.index(y), xl.index(x)), []).append(100.0 * float(a))
+        stopped[yl.index(y), xl.index(x)] += st == "stopped"
     for (i, j), v in cells.items():
         acc[i, j], n[i, j] = float(np.mean(v)), len(v)
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(xl), 1.0 + 0.8 * len(yl)))
@@ -604,13 +606,17 @@ def plot_heatmap(df: Any, dx: Dim, dy: Dim, path: str) -> None:
     for i in range(len(yl)):
         for j in range(len(xl)):
             if n[i, j]:
-                ax.text(j, i, f"{acc[i, j]:.1f}\n(n={n[i, j]})", ha="center", va="center", fontsize=8,
+                mark = f", {stopped[i, j]} stopped" if stopped[i, j] else ""
+                ax.text(j, i, f"{acc[i, j]:.1f}\n(n={n[i, j]}{mark})", ha="center", va="center", fontsize=8,
                         color="white" if acc[i, j] < np.nanmean(acc) else "black")
     ax.set_xticks(range(len(xl)), xl, rotation=30 if len(xl) > 4 else 0)
     ax.set_yticks(range(len(yl)), yl)
     ax.set_xlabel(dx.key)
     ax.set_ylabel(dy.key)
-    ax.set_title(f"validation accuracy (%) over {dx.key.split('.')[-1]} × {dy.key.split('.')[-1]}")
+    title = f"validation accuracy (%) over {dx.key.split('.')[-1]} × {dy.key.split('.')[-1]}"
+    if stopped.any():
+        title += "\n(stopped: ended early by ASHA, at fewer epochs)"
+    ax.set_title(title)
     fig.colorbar(im, ax=ax, label="mean best val acc (%)")
     _save_fig(fig, path)
 
@@ -800,7 +806,7 @@ def run(cfg_raw: Any) -> int:
     from dap_ray.backbones import load_backbone
     from dap_ray.data import resolve_dataset
     from dap_ray.eval.run import load_images
-    from dap_ray.runtime import init_ray
+    from dap_ray.runtime import check_storage, init_ray
 
     t_start = time.time()
     cfg = to_structured(cfg_raw, TuneConfig)
@@ -821,6 +827,8 @@ def run(cfg_raw: Any) -> int:
     out_dir = _expand(cfg.out_dir)
     storage = _expand(t.storage_path) if t.storage_path else f"{out_dir}/ray_results"
     exp_path = f"{storage.rstrip('/')}/{t.name}"
+    for key, url in (("out_dir", out_dir), ("cache_dir", _expand(cfg.cache_dir)), ("tune.storage_path", storage)):
+        check_storage(url, key)  # a missing s3:// bucket: exit 2 now, not a new bucket or a traceback mid-sweep
     fs, root = fsspec.core.url_to_fs(out_dir)
     fs.makedirs(root, exist_ok=True)
     fp = sweep_fingerprint(cfg, dims)
@@ -885,7 +893,8 @@ def run(cfg_raw: Any) -> int:
         print(f"test accuracy of the best configuration ({test['arch']}, IPC {test['ipc']}, {len(test['seeds'])} seed(s)): "
               f"{test['acc_mean']:.1f} ± {test['acc_std']:.1f}%")
     print(f"table: {out_dir}/results.csv; plots: {', '.join(plots)}")
-    print(f"distill with it: python -m dap_ray.distill $(cat {out_dir}/best_overrides.txt)  ({len(lines)} overrides)")
+    where = f"{out_dir}/best_overrides.txt" if "://" not in out_dir else "best_overrides.txt (copy it from out_dir first)"
+    print(f"distill with it: python -m dap_ray.distill $(cat {where})  ({len(lines)} overrides)")
     log.info("done in %.0fs", time.time() - t_start)
     return 0
 

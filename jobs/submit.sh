@@ -42,16 +42,19 @@ options:
 
 environment:
   RAY_ADDRESS                    dashboard address, an http:// URL (the --address default)
-  RAY_AUTH_MODE, RAY_AUTH_TOKEN  set both when the cluster uses token authentication
+  RAY_AUTH_MODE, RAY_AUTH_TOKEN  RAY_AUTH_MODE=token when the cluster uses token authentication;
+                                 the token is RAY_AUTH_TOKEN, else ~/.ray/auth_token
                                  (KubeRay authOptions.mode: token; see k8s/README.md)
   RAY_BIN                        the ray executable (default: ray on PATH)
 
 Credentials are not sent with the job: the cluster's nodes must have them (export AWS_* before
 \`ray start\`, or the Kubernetes Secret), see jobs/runtime_env.yaml.
 
-example (single node):
+example (single node; in the activated environment dap_ray is installed in, docs/cluster.md):
+  ray get-auth-token --generate > /dev/null   # once: Ray >= 2.52 turns token auth on when it exists
+  export RAY_AUTH_MODE=token
   ray start --head --dashboard-host 127.0.0.1
-  $script_name ipc=10
+  $script_name ipc=10 out_dir=\$PWD/runs/ipc10   # absolute: the job runs in a temporary copy
   ray job logs -f <printed job id>
   ray stop
 EOF

@@ -53,12 +53,13 @@ def _round_trip_error(bb, z0, y, steps: int, invert_t: int | None) -> torch.Tens
 #
 # Tolerance, and why: DDIM inversion evaluates ε_θ on the latent one level below the one the
 # sampler will see, so the round trip is exact only in the limit of small steps; the error is first
-# order in the step size (halves when the steps double — asserted). Each step's ε mismatch reaches
-# x₀ multiplied by ~1/√ᾱ_t, so the last steps of the cosine schedule (ᾱ_980 ≈ 1e-3) dominate: a full
-# inversion is approximate, a partial one (to t = 600, the depth of the D3HR authors' code) is close.
-# Stated bound: invert to t=600 with 100 steps at CFG 1 -> max |ẑ₀ − z₀| < 0.03 on the [-1, 1] pixel
-# scale (< 4 grey levels of 255; measured ≈ 0.014 on the packaged model, ≈ 0.03 on the random tiny one
-# whose ε varies far more with its input, hence its 200 steps).
+# order in the step size (about halves when the steps double — asserted). Each step's ε mismatch
+# reaches x₀ multiplied by ~1/√ᾱ_t, so the last steps of the cosine schedule (ᾱ_980 ≈ 1e-3)
+# dominate: a full inversion is approximate, a partial one (to t = 600, the depth of the D3HR
+# authors' code) is close. Stated bounds, on the [-1, 1] pixel scale at CFG 1:
+#   * invert to t=600 with 200 steps: max |ẑ₀ − z₀| < 0.04 (5 grey levels of 255), mean < 0.005
+#     (measured on the packaged model: max 0.022, mean 0.002; the random tiny DiT: max 0.017);
+#   * full inversion (to t=990) with 100 steps: max < 0.15, mean < 0.02 (measured 0.075 / 0.009).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -69,7 +70,7 @@ def test_inversion_round_trip_tiny_dit(tiny_dit_dir):
     z0, y = _digits(4)
     err200 = _round_trip_error(bb, z0, y, 200, invert_t=600)
     err50 = _round_trip_error(bb, z0, y, 50, invert_t=600)
-    assert err200.max() < 0.03
+    assert err200.max() < 0.04 and err200.mean() < 0.005
     assert err200.max() < 0.5 * err50.max()  # first order: 4x the steps, well under half the error
     # and the inverted latent is not the input: the test would pass vacuously if inversion were a no-op
     x_t, _ = ddim_invert(bb, z0, y, 50, invert_t=600)
@@ -83,9 +84,11 @@ def test_inversion_round_trip_packaged_digits_dit():
     bb = load_backbone({"type": "dit", "path": None})
     bb.bind_classes(DIGIT_CLASSES)
     z0, y = _digits(6)
-    assert _round_trip_error(bb, z0, y, 100, invert_t=600).max() < 0.03
-    # full inversion to the top of the schedule: approximate (see above), but far from a broken inverse (~1)
-    assert _round_trip_error(bb, z0, y, 50, invert_t=None).mean() < 0.1
+    err = _round_trip_error(bb, z0, y, 200, invert_t=600)
+    assert err.max() < 0.04 and err.mean() < 0.005
+    # full inversion to the top of the schedule: approximate (see above), far from a broken inverse (~1)
+    full = _round_trip_error(bb, z0, y, 100, invert_t=None)
+    assert full.max() < 0.15 and full.mean() < 0.02
 
 
 @pytest.mark.unit
@@ -96,7 +99,7 @@ def test_inversion_mirrors_sampler_clipping(tiny_dit_dir):
     z0, y = _digits(3)
     bb.scheduler_config["clip_sample"] = True
     clipped, _ = ddim_invert(bb, z0, y, 20, invert_t=600)
-    assert _round_trip_error(bb, z0, y, 200, invert_t=600).max() < 0.03
+    assert _round_trip_error(bb, z0, y, 200, invert_t=600).max() < 0.04
     bb.scheduler_config["clip_sample"] = False
     plain, _ = ddim_invert(bb, z0, y, 20, invert_t=600)
     assert not torch.equal(clipped, plain)  # the random tiny DiT's x̂₀ leaves [-1, 1], so clipping is active
@@ -204,7 +207,7 @@ def test_ray_data_inversion_equals_plain_loop_and_is_cached(tiny_dit_dir, ray_se
     model = {"type": "dit", "path": str(tiny_dit_dir)}
     spec = InversionSpec(model=model, model_fingerprint=model_fingerprint(model), steps=4, invert_t=None, cfg_scale=1.0,
                          resolution=8, batch_size=3)
-    res = invert_dataset(spec, ds, str(tmp_path / "cache"), num_actors=2, progress=False)
+    res = invert_dataset(spec, ds, str(tmp_path / "cache"), num_actors=2, cpus_per_actor=0.5, progress=False)  # + 1 CPU for decoding
     assert sorted(res.computed) == ["2", "5"] and res.reused == []
     assert [p.rsplit("/", 2)[-2:] for p, _ in res.skipped] == [["5", "broken.png"]]
 
@@ -235,3 +238,33 @@ def test_ray_data_inversion_equals_plain_loop_and_is_cached(tiny_dit_dir, ray_se
     assert again.path == res.path and sorted(again.reused) == ["2", "5"] and again.computed == []
     other = InversionSpec(**{**spec.__dict__, "invert_t": 500})
     assert other.key("x") != spec.key("x")
+
+
+@pytest.mark.unit
+def test_selected_noises_file_and_start_recipe(tiny_dit_dir, tmp_path):
+    """The per-class noise file is reproducible, and each work item gets its own rows of it at the
+    inversion's level — whatever way the class is cut into items (=> same bytes for any pool)."""
+    from safetensors.torch import save as st_save
+
+    from dap_ray.sampling import WorkItem
+
+    x = torch.from_numpy(np.random.default_rng(2).standard_normal((50, 64)))
+    stats_file = tmp_path / "class-3.safetensors"
+    stats_file.write_bytes(st_save({"count": torch.tensor([50]), **distribution_stats(x, 0)}))
+    info = d3hr.select_class_to_file(str(stats_file), str(tmp_path / "n" / "3.safetensors"), 4, 12, ["mean", "std"], 0, "3")
+    first = (tmp_path / "n" / "3.safetensors").read_bytes()
+    again = d3hr.select_class_to_file(str(stats_file), str(tmp_path / "m" / "3.safetensors"), 4, 12, ["mean", "std"], 0, "3")
+    assert again == info and (tmp_path / "m" / "3.safetensors").read_bytes() == first
+    assert not list((tmp_path / "n").glob("*.tmp-*"))  # written through a temp name, nothing left behind
+
+    bb = load_backbone({"type": "dit", "path": str(tiny_dit_dir)})
+    bb.bind_classes(DIGIT_CLASSES)
+    start = d3hr.D3HRStart(str(tmp_path / "n"), 600)
+    whole, t = start.latents(bb, WorkItem("d3hr", 3, 0, 4), seeds=[0] * 4)
+    parts = [start.latents(bb, WorkItem("d3hr", 3, a, b), seeds=[0] * (b - a))[0] for a, b in ((0, 1), (1, 4))]
+    assert t == 600 and whole.shape == (4, 1, 8, 8)
+    assert torch.equal(torch.cat(parts), whole)
+    want = candidate_group(torch.from_numpy(x.mean(0).numpy()), x.std(0, unbiased=False), 4, 0, "d3hr", "3", info["group"])
+    assert torch.equal(whole.reshape(4, 64), want)
+    with pytest.raises(RuntimeError, match="holds 4 noises"):
+        start.latents(bb, WorkItem("d3hr", 3, 2, 6), seeds=[0] * 4)

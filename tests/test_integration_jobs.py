@@ -162,6 +162,22 @@ def test_init_ray_refuses_http_and_dead_addresses_before_starting_anything(monke
     assert fake.calls == []
 
 
+@pytest.mark.unit
+def test_digits_file_missing_on_a_worker_node_is_rebuilt_identically(tmp_path):
+    """The driver builds the digits tree on its node; a Ray worker on another node (KubeRay) reads
+    the same path and must find the same bytes rather than skip every image as unreadable."""
+    from dap_ray.data import read_bytes
+    from dap_ray.data.digits import materialize_digits
+
+    tree = Path(materialize_digits(str(tmp_path / "cache")))
+    path = str(sorted((tree / "train" / "3").glob("*.png"))[0])
+    original = read_bytes(path)
+    shutil.rmtree(tree)  # "another node": nothing there yet
+    assert read_bytes(path) == original
+    with pytest.raises(FileNotFoundError):  # any other missing file is still an error
+        read_bytes(str(tmp_path / "cache" / "elsewhere" / "x.png"))
+
+
 # ---------------------------------------------------------------------------------------------
 # integration: a `ray start` head and jobs/submit.sh
 # ---------------------------------------------------------------------------------------------

@@ -246,6 +246,9 @@ def test_quick_sweep_end_to_end(tiny_dit_dir, tmp_path, cache_dir, ray_session, 
     # running the same sweep again is refused (it would overwrite); resume is the way to continue it
     assert main(sweep_overrides(tiny_dit_dir, out, cache_dir)) == 2
     assert "tune.resume=true" in capsys.readouterr().err
+    # and resuming it with another budget or space is refused too: it would mix incomparable trials
+    assert main(sweep_overrides(tiny_dit_dir, out, cache_dir, **{"tune.resume": "true", "tune.epochs": "8"})) == 2
+    assert "started with other settings" in capsys.readouterr().err
     print(f"quick sweep: {time.time() - t0:.0f}s")
 
 
@@ -254,7 +257,8 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(tiny_dit_dir, tmp_
     out = tmp_path / "sweep"
     # one trial at a time, every trial runs all its epochs (FIFO): the kill lands between trials
     ov = sweep_overrides(tiny_dit_dir, out, cache_dir, **{"tune.max_concurrent": "1", "tune.scheduler": "fifo", "tune.epochs": "40",
-                                                           "tune.eval_every": "10", "tune.test_best": "false", "runtime.num_cpus": "2"})
+                                                           "tune.eval_every": "10", "tune.test_best": "false", "runtime.num_cpus": "2",
+                                                           "runtime.address": "local"})  # a private Ray, whatever runs beside
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
     log = open(tmp_path / "driver.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "dap_ray.tune", *ov], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,

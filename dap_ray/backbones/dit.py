@@ -23,12 +23,42 @@ from dap_ray.errors import UserError
 DIGITS_DIT_DIR = Path(__file__).resolve().parent.parent / "zoo" / "digits_dit"
 
 
+def _read_json(path: Path) -> dict:
+    """A model directory's JSON file; a broken one is a user error naming the file, not a traceback."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a valid JSON file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
 def _load_scheduler(root: Path) -> DDIMScheduler:
     sched_dir = root / "scheduler"
     if not (sched_dir / "scheduler_config.json").is_file():
         raise UserError(f"{root}: missing scheduler/scheduler_config.json")
     # Any DDPM-family scheduler config gives the same betas; DDIM is what we sample with.
-    return DDIMScheduler.from_config(json.loads((sched_dir / "scheduler_config.json").read_text()))
+    return DDIMScheduler.from_config(_read_json(sched_dir / "scheduler_config.json"))
+
+
+def load_checked(loader, directory: Path, what: str, **kwargs):
+    """`loader.from_pretrained(directory)` from safetensors that refuses weights not matching the
+    config: diffusers only warns about missing tensors and leaves those layers random (or on the
+    meta device), which would silently make a different model. Failures are one-line UserErrors."""
+    from diffusers.utils import logging as diffusers_logging
+
+    check_safetensors(directory, what)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its "weights newly initialized" warning becomes our error below
+    try:
+        model, info = loader.from_pretrained(directory, use_safetensors=True, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise UserError(f"{directory}: could not load the {what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise UserError(f"{directory}: the {what} weights do not match its config.json ({len(missing)} tensors missing, "
+                        f"e.g. {sorted(missing)[0]})")
+    return model
 
 
 def _to(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -87,15 +117,10 @@ class DiTBackbone(Backbone):
         tdir = root / "transformer"
         if not tdir.is_dir() and (root / "config.json").is_file():
             tdir = root  # a bare transformer directory
-        check_safetensors(tdir, "transformer")
-        try:
-            transformer = DiTTransformer2DModel.from_pretrained(tdir, use_safetensors=True)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise UserError(f"{tdir}: could not load a DiT transformer: {str(e).splitlines()[0]}") from None
+        transformer = load_checked(DiTTransformer2DModel, tdir, "DiT transformer")
         vae = None
         if (root / "vae").is_dir():
-            check_safetensors(root / "vae", "vae")
-            vae = AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True)
+            vae = load_checked(AutoencoderKL, root / "vae", "vae")
             if vae.config.latent_channels != transformer.config.in_channels:
                 raise UserError(
                     f"{root}: vae has {vae.config.latent_channels} latent channels but the transformer expects "
@@ -103,7 +128,10 @@ class DiTBackbone(Backbone):
                 )
         model_classes = None
         if (root / "classes.json").is_file():
-            model_classes = json.loads((root / "classes.json").read_text())["classes"]
+            spec = _read_json(root / "classes.json")
+            model_classes = spec.get("classes") if isinstance(spec, dict) else None
+            if not isinstance(model_classes, list):
+                raise UserError(f"{root / 'classes.json'}: expected {{\"classes\": [class names]}}")
         return cls(transformer, _load_scheduler(root), vae, latent_scale, model_classes, name, device, dtype)
 
     def bind_classes(self, classes: Sequence[ClassInfo]) -> None:

@@ -64,6 +64,8 @@ def materialize_digits(cache_dir: str | None = None) -> str:
     written, so concurrent callers (e.g. several Ray workers) and killed builds never expose a
     half-written tree; a leftover tree without the marker is removed and rebuilt.
     """
+    if cache_dir and "://" in cache_dir:
+        cache_dir = None  # cache_dir=s3://...: the built-in digits are small and stay on local disk
     base = os.path.join(os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir())), "datasets")
     final = os.path.join(base, VERSION)
     if os.path.exists(os.path.join(final, MARKER)):

@@ -118,36 +118,46 @@ class TeacherRef:
         self.arch, self.num_classes, self.resolution, self.state_path = arch, num_classes, resolution, state_path
 
     def __call__(self):
-        from safetensors.torch import load_file
+        from safetensors.torch import load as st_load
 
         from dap_ray.eval.train import TrainConfig, build_model
 
         dummy = torch.zeros(1, 3, self.resolution, self.resolution)
         model = build_model(self.arch, self.num_classes, dummy, TrainConfig.teacher())
-        model.load_state_dict(load_file(self.state_path))
+        model.load_state_dict(st_load(read_bytes(self.state_path)))  # local path or s3:// (cache_dir)
         return model.eval().requires_grad_(False)
 
 
 def get_teacher(cfg: Any, dataset: DatasetSplits, x_real: torch.Tensor, y_real: torch.Tensor, cache_dir: str) -> TeacherRef:
-    """Train the soft-label teacher on the full real training split once; cache it by content."""
-    import os
+    """Train the soft-label teacher on the full real training split once; cache it by content.
 
-    from safetensors.torch import save_file
+    The cache goes through fsspec like every other path, so cache_dir may be an s3:// URI."""
+    from safetensors.torch import save as st_save
 
-    from dap_ray.bank import dataset_fingerprint
+    from dap_ray.bank import _write_bytes, dataset_fingerprint
     from dap_ray.config import config_hash
+    from dap_ray.data.images import filesystem
     from dap_ray.eval.train import TrainConfig, train_teacher
 
     key = config_hash({"data": dataset_fingerprint(dataset), "arch": cfg.eval.teacher_arch, "epochs": cfg.eval.teacher_epochs, "res": cfg.eval.resolution})
-    path = os.path.join(cache_dir, "teachers", f"{cfg.eval.teacher_arch}-{key}.safetensors")
-    if not os.path.exists(path):
+    path = f"{cache_dir.rstrip('/')}/teachers/{cfg.eval.teacher_arch}-{key}.safetensors"
+    fs, p = filesystem(path)
+    if not fs.exists(p):
         log.info("training the %s teacher on %d real images (cached at %s)", cfg.eval.teacher_arch, len(x_real), path)
         model = train_teacher(x_real, y_real, cfg.eval.teacher_arch, TrainConfig.teacher(epochs=int(cfg.eval.teacher_epochs)), seed=0)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + f".tmp-{os.getpid()}"
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, path)
+        fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+        _write_bytes(fs, p, st_save({k: v.contiguous() for k, v in model.state_dict().items()}))  # local: temp + rename
     return TeacherRef(cfg.eval.teacher_arch, len(dataset.classes), int(cfg.eval.resolution), path)
+
+
+def _error_line(e: BaseException) -> str:
+    """One readable line for a failed training: the task's own exception (a RayTaskError's first
+    line is only Ray's coloured `ray::task() (pid=…)` header), without terminal colour codes."""
+    import re
+
+    cause = getattr(e, "cause", None) or e
+    lines = [ln for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).splitlines() if ln.strip()]
+    return f"{type(cause).__name__}: {lines[0].strip() if lines else ''}"[:300]
 
 
 def evaluate_sets(
@@ -161,6 +171,8 @@ def evaluate_sets(
     """Train every (set, arch, seed) as a Ray task; returns one row per training (failed ones marked)."""
     import ray
     from tqdm.auto import tqdm
+
+    from dap_ray.bank import _write_bytes
 
     res = int(cfg.eval.resolution)
     x_test, y_test = load_split(dataset.test, res, cfg.eval.max_test)
@@ -186,7 +198,10 @@ def evaluate_sets(
                 fname = f"{rdir}/{name}__{arch}__{int(seed)}.json"
                 base = {"method": name, "arch": arch, "seed": int(seed), "ipc": ipc, "protocol": cfg.eval.protocol, "epochs": tc.epochs, "n_train": len(ok)}
                 if fs.exists(fname):
-                    cached = json.loads(fs.cat_file(fname))
+                    try:
+                        cached = json.loads(fs.cat_file(fname))
+                    except ValueError:  # unreadable (not written by us: ours are atomic): train again
+                        cached = {}
                     if cached.get("status") == "ok" and cached.get("epochs") == tc.epochs and cached.get("n_train") == len(ok):
                         rows.append(cached)
                         continue
@@ -203,9 +218,9 @@ def evaluate_sets(
             out = ray.get(done[0])
             row = {**base, "status": "ok", "acc": float(out["acc"]), "seconds": out.get("seconds"),
                    "history": [[int(e), float(a)] for e, a in out.get("history", [])]}
-            fs.pipe_file(fname, json.dumps(row).encode())
+            _write_bytes(fs, fname, json.dumps(row).encode())  # temp + rename: a killed driver leaves no half file
         except Exception as e:  # noqa: BLE001 - reported in the table, never silently dropped
-            row = {**base, "status": "failed", "acc": None, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+            row = {**base, "status": "failed", "acc": None, "error": _error_line(e)}
             log.error("evaluation %s/%s/seed %s failed after retries: %s", base["method"], base["arch"], base["seed"], row["error"])
         rows.append(row)
         bar.update(1)

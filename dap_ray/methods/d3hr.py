@@ -386,8 +386,8 @@ def select_all(inversion_path: str, noise_dir: str, classes: Sequence[ClassInfo]
     import ray
 
     stats = _check_stats(stats)
-    fs, _ = fsspec.core.url_to_fs(noise_dir)
-    todo = [c for c in classes if not fs.exists(fsspec.core.url_to_fs(noise_path(noise_dir, c.key))[1])]
+    fs, root = fsspec.core.url_to_fs(noise_dir)
+    todo = [c for c in classes if not fs.exists(noise_path(root, c.key))]  # a re-run reuses finished classes
     if not todo:
         return []
     task = ray.remote(num_cpus=cpus, max_retries=3)(select_class_to_file)

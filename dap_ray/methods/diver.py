@@ -166,7 +166,7 @@ def source_dir(ctx: RunContext) -> str:
 
 
 def list_sources(folder: str, classes: Sequence[ClassInfo], ipc: int, resolution: int, *, key: str = "method.diver_source") -> list[list[str]]:
-    """Per class: the first `ipc` decodable images of <folder>/<class key>/ in name order.
+    """Per class (in the order of `classes`): the first `ipc` decodable images of <folder>/<class key>/ in name order.
 
     Unreadable files are passed over (logged), like random_real does; a class with none is an error.
     """
@@ -178,26 +178,23 @@ def list_sources(folder: str, classes: Sequence[ClassInfo], ipc: int, resolution
     fs, root = fsspec.core.url_to_fs(folder)
     if not fs.exists(root) or not fs.isdir(root):
         raise UserError(f"{key}={folder!r} does not exist or is not a directory (an ImageFolder <class key>/<images> of a distilled set)")
-    by_class: list[list[str]] = [[] for _ in classes]
-    recs = distilled_records(folder, classes)
-    bad = 0
-    for r in recs:
-        if len(by_class[r.label]) >= ipc:
+    by_label: dict[int, list[str]] = {c.index: [] for c in classes}
+    for r in distilled_records(folder, classes):
+        if len(by_label[r.label]) >= ipc:
             continue
         try:
             load_image(r.path, resolution)
         except BadImageError as e:
-            bad += 1
             log.warning("diver: skipping unreadable source image %s (%s)", r.path, e.reason)
             continue
-        by_class[r.label].append(r.path)
-    empty = [c.key for c in classes if not by_class[c.index]]
+        by_label[r.label].append(r.path)
+    empty = [c.key for c in classes if not by_label[c.index]]
     if empty:
         raise UserError(f"{key}={folder!r} has no usable image for class(es) {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
-    short = [c.key for c in classes if len(by_class[c.index]) < ipc]
+    short = [c.key for c in classes if len(by_label[c.index]) < ipc]
     if short:
         log.warning("diver: %d class(es) have fewer than ipc=%d source images (e.g. %s); refining what is there", len(short), ipc, short[0])
-    return by_class
+    return [by_label[c.index] for c in classes]
 
 
 class Diver(Method):
