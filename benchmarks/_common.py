@@ -229,21 +229,32 @@ def time_call(fn: Callable[[], object]) -> float:
 
 
 def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                on_round: Callable[[int], None] | None = None) -> dict[str, list[float]]:
+                on_round: Callable[[int], None] | None = None,
+                cpu_out: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Time every variant once per round, `repeats` rounds; the order is reversed every other round.
 
-    Returns {name: [seconds per round]}: round r of every variant ran back to back, so the per-round
-    ratios (`paired_ratio`) cancel load that changes slower than one round.
+    Returns {name: [wall seconds per round]}: round r of every variant ran back to back, so the
+    per-round ratios (`paired_ratio`) cancel load that changes slower than one round. If `cpu_out`
+    is given it is filled with the same for this process's CPU time (`time.process_time`): for a
+    single-threaded variant that runs in this process it is the cost without the time spent waiting
+    for a core, which on a shared machine is most of the noise. (Meaningless for work done in other
+    processes, e.g. Ray workers.)
     """
     names = list(variants)
     for _ in range(warmup):
         for n in names:
             variants[n]()
     times: dict[str, list[float]] = {n: [] for n in names}
+    if cpu_out is not None:
+        cpu_out.clear()
+        cpu_out.update({n: [] for n in names})
     for r in range(repeats):
         order = names if r % 2 == 0 else names[::-1]
         for n in order:
+            c0 = time.process_time()
             times[n].append(time_call(variants[n]))
+            if cpu_out is not None:
+                cpu_out[n].append(time.process_time() - c0)
         if on_round is not None:
             on_round(r)
     return times

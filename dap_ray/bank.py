@@ -95,6 +95,20 @@ def rff_for(spec_rff: dict, dim: int) -> RandomFourierFeatures:
 # ---------------------------------------------------------------------------------------------
 
 
+def split_cpus(num_actors: int, cpus_per_actor: float) -> tuple[float, float]:
+    """(CPUs per model actor, CPUs per decode task) for a decode -> actor-pool Ray Data pipeline.
+
+    Actors that hold every CPU of the cluster would starve the decode tasks feeding them and the
+    pipeline would hang; so leave room for decoding (shrinking the actors' share if needed)."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    decode = min(0.5, total / 4)
+    if num_actors * cpus_per_actor > total - decode:
+        cpus_per_actor = max(0.1, (total - decode) / num_actors)
+    return cpus_per_actor, decode
+
+
 def decode_batch(batch: dict[str, np.ndarray], resolution: int) -> dict[str, np.ndarray]:
     """Read + decode + resize/crop; unreadable files become ok=False rows with the reason."""
     n = len(batch["id"])
@@ -373,11 +387,7 @@ def build_bank(
     t0 = time.time()
     n_images = 0
     if todo:
-        # Leave room for the decode tasks: actors that hold every CPU would starve them (deadlock).
-        total_cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        decode_cpus = min(0.5, total_cpus / 4)
-        if num_actors * cpus_per_actor > total_cpus - decode_cpus:
-            cpus_per_actor = max(0.1, (total_cpus - decode_cpus) / num_actors)
+        cpus_per_actor, decode_cpus = split_cpus(num_actors, cpus_per_actor)
         items = [{"id": r.id, "path": r.path, "label": r.label} for r in todo]
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // max(spec.batch_size, 1), 64)))
         ds = ds.map_batches(decode_batch, fn_kwargs={"resolution": spec.resolution}, batch_size=spec.batch_size, batch_format="numpy",

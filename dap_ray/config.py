@@ -62,7 +62,7 @@ class MethodConfig:
     """Guidance knobs (DAP) plus the settings of the other methods; `methods` picks what runs."""
 
     name: str = "dap"
-    gamma: float = 5.0
+    gamma: float = 10.0
     layer: Any = None  # block index (DiT) or name (SD: down_0..3, mid, up_0..3); null = model.default_layer
     t_stop: int = 400  # guidance only while t > t_stop
     kernel: str = "linear"  # linear | rbf

@@ -49,9 +49,7 @@ SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 # Set by Ray's job manager in the environment of a submitted job's driver.
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
-_HTTP_HINT = ("is the dashboard / job API address (what `ray job submit` and jobs/submit.sh take), not a cluster "
-              "address: submit the run with jobs/submit.sh, or give the GCS address host:6379, 'auto' (the Ray "
-              "node on this machine) or 'local' (a private local Ray)")
+_HTTP_WHAT = "is the dashboard / job API address (for `ray job` and jobs/submit.sh), not a cluster address"
 
 _lock = threading.Lock()
 _info: dict | None = None  # what the first init_ray of this process attached to (plus its GCS address)
@@ -104,8 +102,10 @@ def _existing_cluster_address(cfg_address: str | None, env: Mapping[str, str] | 
             continue
         if _is_http(value):
             if key == "runtime.address":
-                raise ConfigError(key, value, "a Ray cluster address: " + _HTTP_HINT.split(": ", 1)[1])
-            raise UserError(f"RAY_ADDRESS={value} {_HTTP_HINT}; or unset RAY_ADDRESS")
+                raise ConfigError(key, value, f"this {_HTTP_WHAT}; use the GCS address host:6379, 'auto' (the Ray "
+                                  "node on this machine), 'local' (a private Ray) or null, or submit with jobs/submit.sh")
+            raise UserError(f"RAY_ADDRESS={value} {_HTTP_WHAT}: submit the run with jobs/submit.sh, "
+                            "or set RAY_ADDRESS to the cluster's GCS address host:6379, or unset it")
         if value == "local":
             return None
         return value

@@ -210,5 +210,5 @@ def test_end_to_end_quick(bench_md, tiny_dit_dir):
     before = bench_md.read_text()
     assert end_to_end.main(["--quick", "--out", str(bench_md), "--set", f"model.path={tiny_dit_dir}"]) == 0
     body = _check_written(bench_md, before, "end_to_end", "`bank`", "`sample/dap`", "`evaluate`", "wall (subprocess",
-                          "Reduced run (--quick)")
+                          "Reduced run")
     assert "bank built" in body  # the fresh cache had no bank

@@ -303,9 +303,13 @@ def test_submit_reduced_distill_to_a_ray_start_head(ray_head, tmp_path):
     overrides = small_overrides(model, out, cache)
     job_id = f"dap-ray-test-{uuid.uuid4().hex[:8]}"
     # what a user types: jobs/submit.sh from any directory, the address and the overrides
-    r = subprocess.run(["bash", str(REPO / "jobs" / "submit.sh"), "--address", ray_head.dashboard,
-                        "--submission-id", job_id, *overrides], env=ray_head.env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=180)
+    for _ in range(6):  # a busy head may accept the job API before its node's agent is up ("try again later")
+        r = subprocess.run(["bash", str(REPO / "jobs" / "submit.sh"), "--address", ray_head.dashboard,
+                            "--submission-id", job_id, *overrides], env=ray_head.env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=180)
+        if r.returncode == 0 or "No available agent" not in r.stderr:
+            break
+        time.sleep(10)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert f"job id:  {job_id}" in r.stdout
 

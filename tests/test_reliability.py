@@ -72,7 +72,7 @@ def _wait_for(pred, timeout: float, every: float = 0.05):
     return None
 
 
-def _sampler_job(model_dir: Path, out: Path, steps: int = 12) -> SamplerJob:
+def _sampler_job(model_dir: Path, out: Path, steps: int = 8) -> SamplerJob:
     return SamplerJob(model={"type": "dit", "path": str(model_dir)}, classes=CLASSES[:4], out_dir=str(out), seed=11,
                       steps=steps, cfg_scale=2.0, eta=0.0, dtype="fp32")
 
@@ -150,10 +150,10 @@ def bank_setup(tiny_dit_dir, cache_dir):
     from dap_ray.data import resolve_dataset
     from dap_ray.sampling import schedule
 
-    ds = resolve_dataset("digits", None, ["1", "4", "7"], cache_dir=str(cache_dir))  # ~430 real images
+    ds = resolve_dataset("digits", None, ["1", "4"], cache_dir=str(cache_dir))  # ~290 real images
     model = {"type": "dit", "path": str(tiny_dit_dir), "name": "tiny"}
     bb = load_backbone(model)
-    spec = BankSpec(model=model, model_fingerprint=model_fingerprint(model), layers=("1",), timesteps=tuple(schedule(bb, 8)),
+    spec = BankSpec(model=model, model_fingerprint=model_fingerprint(model), layers=("1",), timesteps=tuple(schedule(bb, 4)),
                     pooling="tokens", seed=5, resolution=8, batch_size=8)
     return ds, spec
 
@@ -618,7 +618,9 @@ FAKE_SECRET = "fAkE/SeCrEt+9d1c0ffee0ddba11-not-a-real-key"
 
 
 def _distill_cmd(model_dir: Path, out: Path, cache: Path) -> list[str]:
-    args = small_overrides(model_dir, out, cache, **{"dataset.classes": "[0,1,2]", "eval.seeds": "[0,1]"})
+    # the knobs that decide the images are pinned: the reference and the resumed runs compose minutes apart
+    args = small_overrides(model_dir, out, cache, **{"dataset.classes": "[0,1]", "eval.seeds": "[0,1]", "method.gamma": "5",
+                                                     "method.t_stop": "400", "sampler.cfg_scale": "2", "seed": "0"})
     return [sys.executable, "-m", "dap_ray.distill", *args, "runtime.num_cpus=2"]
 
 
@@ -700,7 +702,7 @@ def test_driver_sigkill_then_rerun_resumes_and_matches(reference_run, tiny_dit_d
 
         # 1. killed while sampling `vanilla` (bank committed, random_real done)
         _run_until(cmd, env, tmp_path, log, lambda: list((out / "vanilla" / "images").rglob("*.png")), "vanilla sampling")
-        assert list(cache.rglob("banks/*/_COMMIT")) and len(list((out / "random_real" / "images").rglob("*.png"))) == 6
+        assert list(cache.rglob("banks/*/_COMMIT")) and len(list((out / "random_real" / "images").rglob("*.png"))) == 4
         cut = out / "random_real" / "images" / "0" / "00000.png"
         cut.write_bytes(cut.read_bytes()[:30])  # truncated under its final name (a writer that was not atomic)
         tmp_file = out / "vanilla" / "images" / "1" / "00001.png.tmp-123"
@@ -724,7 +726,7 @@ def test_driver_sigkill_then_rerun_resumes_and_matches(reference_run, tiny_dit_d
         assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in kept} == kept  # reused, not rewritten
         for m in ("random_real", "vanilla", "dap"):
             assert _digest(out / m / "images") == _digest(ref_out / m / "images"), m
-            for c in ("0", "1", "2"):
+            for c in ("0", "1"):
                 assert sorted(p.name for p in (out / m / "images" / c).glob("*.png")) == ["00000.png", "00001.png"]
             import pyarrow.parquet as pq
 

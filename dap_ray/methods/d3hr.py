@@ -285,7 +285,7 @@ def invert_dataset(spec: InversionSpec, dataset: DatasetSplits, cache_dir: str, 
     soon as all its images are back (a killed run resumes class by class)."""
     import ray
 
-    from dap_ray.bank import dataset_fingerprint, decode_batch
+    from dap_ray.bank import dataset_fingerprint, decode_batch, split_cpus
 
     key = spec.key(dataset_fingerprint(dataset))
     path = f"{cache_dir.rstrip('/')}/d3hr/{key}"
@@ -307,7 +307,9 @@ def invert_dataset(spec: InversionSpec, dataset: DatasetSplits, cache_dir: str, 
         log.info("d3hr: inverting %d images of %d classes (%d steps) into %s", len(todo), len(expected), spec.steps, path)
         items = [{"id": r.id, "path": r.path, "label": r.label} for r in todo]
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // max(spec.batch_size, 1), 64)))
-        ds = ds.map_batches(decode_batch, fn_kwargs={"resolution": spec.resolution}, batch_size=spec.batch_size, batch_format="numpy")
+        cpus_per_actor, decode_cpus = split_cpus(num_actors, cpus_per_actor)
+        ds = ds.map_batches(decode_batch, fn_kwargs={"resolution": spec.resolution}, batch_size=spec.batch_size, batch_format="numpy",
+                            num_cpus=decode_cpus)
         ds = ds.map_batches(
             D3HRInverter,
             fn_constructor_kwargs={"spec": spec, "classes": dataset.classes},
