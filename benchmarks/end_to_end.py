@@ -47,7 +47,8 @@ QUICK = ["ipc=2", "sampler.steps=5", "sampler.batch_size=2", "eval.epochs=2", "e
          "eval.tsne=false", "eval.max_test=100"]
 
 
-def run_distill(out_dir: Path, cache_dir: str | None, overrides: Sequence[str], log: Path, timeout: float) -> dict:
+def run_distill(out_dir: Path, cache_dir: str | None, overrides: Sequence[str], log: Path, timeout: float,
+                niceness: int | None = None) -> dict:
     """Run the distill CLI once, streaming its log with the elapsed time of every line.
 
     On timeout the run is interrupted with SIGINT (its atexit handlers stop the private Ray it
@@ -57,6 +58,8 @@ def run_distill(out_dir: Path, cache_dir: str | None, overrides: Sequence[str], 
     args = [f"out_dir={out_dir}", "runtime.address=local", *([f"cache_dir={cache_dir}"] if cache_dir else []), *overrides]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.setdefault("TQDM_DISABLE", "1")
+    if niceness is not None:
+        env["RAY_worker_niceness"] = str(niceness)
     events: list[tuple[float, str]] = []
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "dap_ray.distill", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -146,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3600.0,
                    help="seconds before a run is interrupted; the stages it finished are still reported")
     p.add_argument("--keep", action="store_true", help="keep the run directories (printed)")
+    p.add_argument("--worker-niceness", type=int, default=0,
+                   help="RAY_worker_niceness for the run's private Ray (Ray's own default is 15; -1 = leave Ray's default)")
     args = p.parse_args(argv)
     modes = args.modes or (["fresh"] if args.quick else ["cached", "fresh"])
     overrides = (QUICK if args.quick else []) + list(args.overrides)
@@ -158,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cache = None if mode == "cached" else str(work / "fresh-cache")
             out_dir = work / f"run-{mode}"
             print(f"[{SECTION}] {mode}: python -m dap_ray.distill {' '.join(overrides)} (log {work / f'{mode}.log'})", flush=True)
-            r = run_distill(out_dir, cache, overrides, work / f"{mode}.log", args.timeout)
+            r = run_distill(out_dir, cache, overrides, work / f"{mode}.log", args.timeout,
+                            None if args.worker_niceness < 0 else args.worker_niceness)
             if r["rc"] != 0 and not r["timed_out"]:
                 tail = (work / f"{mode}.log").read_text()[-3000:]
                 raise RuntimeError(f"the {mode} run exited {r['rc']}; log tail:\n{tail}")
@@ -228,6 +234,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"- **Run:** `{cmd}` in a subprocess (`fresh` adds `cache_dir=<empty tmp>`). "
         + ("**Reduced run: not the embedded default.**" if args.quick or args.overrides else
            "The embedded default: digits, the packaged digits DiT, IPC 10, random_real / vanilla / dap, hard-label evaluation."),
+        ("- **Ray worker priority:** Ray's own default (`worker_niceness` 15)." if args.worker_niceness < 0 else
+         f"- **Ray worker priority:** `RAY_worker_niceness={args.worker_niceness}` (Ray's default is 15: its workers yield "
+         "to every normal-priority process, which on this shared machine means to the other developers' jobs, and the run "
+         "then measures their load rather than dap_ray; at the driver's own priority it behaves as on a dedicated machine)."),
         "- **Cache states:** `cached` = the user's cache dir (digits tree and, when an earlier default run built it, the bank "
         "are reused); `fresh` = an empty cache dir (first run ever).",
         *notes,

@@ -110,6 +110,7 @@ class EvalConfig:
     epochs: int | None = None  # null = the recipe's, scaled with IPC (dap_ray.eval.train.epochs_for_ipc)
     batch_size: int | None = None  # null = the recipe's
     lr: float | None = None  # null = the recipe's
+    eval_every: int | None = None  # test every k epochs (the best is reported, as the peers do); null = the recipe's
     augment: str | None = None  # null = the recipe's (idc: rrc+flip+jitter+lighting); e.g. "rrc+jitter" for digits
     teacher_arch: str = "resnet18"
     teacher_epochs: int = 30
@@ -241,6 +242,7 @@ def validate(cfg: Any) -> None:
     _check(e.epochs is None or e.epochs >= 1, "eval.epochs", e.epochs, "null (scaled with IPC) or an integer >= 1")
     _check(e.batch_size is None or e.batch_size >= 1, "eval.batch_size", e.batch_size, "null or an integer >= 1")
     _check(e.lr is None or e.lr > 0, "eval.lr", e.lr, "null or a number > 0")
+    _check(e.eval_every is None or e.eval_every >= 1, "eval.eval_every", e.eval_every, "null or an integer >= 1")
     if e.augment is not None:
         from dap_ray.eval.augment import OPS, PRESETS
 

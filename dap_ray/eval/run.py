@@ -89,6 +89,8 @@ def train_config(cfg: Any, ipc: int, nclass: int, arch: str):
         over["temperature"] = float(e.temperature)
     if e.augment is not None:
         over["augment"] = str(e.augment)
+    if e.eval_every is not None:
+        over["eval_every"] = int(e.eval_every)
     return tc.with_(**over) if over else tc
 
 
