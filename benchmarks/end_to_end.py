@@ -51,8 +51,8 @@ def run_distill(out_dir: Path, cache_dir: str | None, overrides: Sequence[str], 
                 niceness: int | None = None) -> dict:
     """Run the distill CLI once, streaming its log with the elapsed time of every line.
 
-    On timeout the run is interrupted with SIGINT (its atexit handlers stop the private Ray it
-    started; SIGKILL would orphan Ray's processes), then terminated if it does not stop.
+    On timeout the run is interrupted with SIGINT, then SIGTERM (both let the driver stop the private
+    Ray it started; SIGKILL, the last resort, would orphan Ray's processes).
     Returns wall seconds, exit status, whether it timed out, the timed log lines and results.json.
     """
     args = [f"out_dir={out_dir}", "runtime.address=local", *([f"cache_dir={cache_dir}"] if cache_dir else []), *overrides]
@@ -79,12 +79,13 @@ def run_distill(out_dir: Path, cache_dir: str | None, overrides: Sequence[str], 
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            proc.wait(timeout=60)
+        for stop, grace in ((lambda: proc.send_signal(signal.SIGINT), 30), (proc.terminate, 60), (proc.kill, 30)):
+            stop()
+            try:
+                proc.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
     wall = time.perf_counter() - t0
     th.join(timeout=10)
     res_path = out_dir / "results.json"
@@ -112,31 +113,37 @@ def partial_timings(run: dict) -> tuple[dict[str, float], dict]:
             t["bank"] = e - ray_at
         if m := _METHOD.search(line):
             t[f"sample/{m.group(1)}"] = float(m.group(3))
-    ev: dict = {"done": 0, "expected": None, "seconds": []}
+    ev: dict = {"done": 0, "expected": None, "by_arch": {}, "per_arch": None}
     cfg_path = run["out_dir"] / "config.yaml"
     if cfg_path.exists():
         cfg = OmegaConf.load(cfg_path)
         ev["expected"] = len(cfg.methods) * len(cfg.eval.archs) * len(cfg.eval.seeds)
+        ev["per_arch"] = {str(a): len(cfg.methods) * len(cfg.eval.seeds) for a in cfg.eval.archs}
         ev["stages"] = ["bank"] + [f"sample/{m}" for m in cfg.methods] + ["evaluate"]
         ev["parallel"] = max(1, int((cfg.runtime.num_cpus or os.cpu_count() or 1) // max(cfg.runtime.cpus_per_eval, 1)))
     for f in sorted((run["out_dir"] / "eval").glob("*.json")) if (run["out_dir"] / "eval").is_dir() else []:
         row = json.loads(f.read_text())
         if row.get("status") == "ok":
             ev["done"] += 1
-            ev["seconds"].append(float(row.get("seconds", float("nan"))))
+            ev["by_arch"].setdefault(str(row.get("arch")), []).append(float(row.get("seconds", float("nan"))))
             ev.setdefault("epochs", row.get("epochs"))
     return t, ev
 
 
 def _fmt_eval(ev: dict) -> str:
-    """An unfinished evaluation stage: trainings done, their median time, and a labelled projection."""
-    if not ev["seconds"]:
+    """An unfinished evaluation stage: trainings done per architecture, their median time, and a
+    projection (labelled as such) from the per-architecture medians, when every architecture has one."""
+    if not ev["done"]:
         return f"not finished: 0 of {ev['expected']} trainings done"
-    med = median(ev["seconds"])
-    par = ev.get("parallel", 1)
-    proj = f"; projection {ev['expected']} x {med:.0f} s / {par} in parallel ≈ {ev['expected'] * med / par / 60:.0f} min" if ev["expected"] else ""
-    return (f"not finished: {ev['done']} of {ev['expected']} trainings done ({ev.get('epochs')} epochs each), "
-            f"median {med:.0f} s per training{proj}")
+    per = "; ".join(f"{arch}: {len(ts)} done, median {median(ts):.0f} s" for arch, ts in sorted(ev["by_arch"].items()))
+    out = f"not finished: {ev['done']} of {ev['expected']} trainings done ({ev.get('epochs')} epochs each; {per})"
+    per_arch = ev.get("per_arch") or {}
+    if per_arch and all(a in ev["by_arch"] for a in per_arch):
+        total = sum(k * median(ev["by_arch"][a]) for a, k in per_arch.items())
+        par = ev.get("parallel", 1)
+        terms = " + ".join(f"{k} x {median(ev['by_arch'][a]):.0f} s" for a, k in per_arch.items())
+        out += f"; projection: ({terms}) / {par} in parallel ≈ {total / par / 60:.0f} min"
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -211,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if r["timed_out"]:
             bank_line = next((line for _, line in r["events"] if _BANK.search(line)), None)
             state = "not reached" if bank_line is None else bank_line.split("] ", 1)[1]
-            notes.append(f"- **{mode}:** did not finish within the {args.timeout:.0f} s timeout (interrupted with SIGINT); "
+            notes.append(f"- **{mode}:** did not finish within the {args.timeout:.0f} s timeout (then interrupted); "
                          f"{state}. Stage times are from its log (`bank`: from the Ray start to the bank line) and "
                          "its finished evaluation files.")
         else:

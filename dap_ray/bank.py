@@ -431,7 +431,9 @@ def build_bank(
             next_shard += 1
             buf, buffered = [], 0
 
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        # fixed-size batches: shard boundaries (and resume checkpoints) do not depend on how Ray
+        # happened to bundle the blocks
+        for batch in ds.iter_batches(batch_size=spec.batch_size, batch_format="numpy"):
             buf.append(batch)
             buffered += len(batch["id"])
             n_images += len(batch["id"])

@@ -393,6 +393,7 @@ RANGE_CASES = [
     (["eval.batch_size=0"], "eval.batch_size"),
     (["eval.lr=0"], "eval.lr"),
     (["eval.augment=spin+flip"], "eval.augment"),
+    (["eval.eval_every=0"], "eval.eval_every"),
     (["eval.teacher_epochs=0"], "eval.teacher_epochs"),
     (["eval.temperature=0"], "eval.temperature"),
     (["eval.max_test=0"], "eval.max_test"),
