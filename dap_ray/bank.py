@@ -109,6 +109,31 @@ def split_cpus(num_actors: int, cpus_per_actor: float) -> tuple[float, float]:
     return cpus_per_actor, decode
 
 
+def model_pipeline(records: Sequence[ImageRecord], udf: type, constructor_kwargs: dict, resolution: int, batch_size: int,
+                   num_actors: int, gpus_per_actor: float, cpus_per_actor: float):
+    """records -> decode tasks -> a restartable pool of `udf` actors (each holds the model once).
+
+    The Ray Data path shared by the feature bank and D3HR's inversion."""
+    import ray
+
+    cpus_per_actor, decode_cpus = split_cpus(num_actors, cpus_per_actor)
+    items = [{"id": r.id, "path": r.path, "label": r.label} for r in records]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // max(batch_size, 1), 64)))
+    ds = ds.map_batches(decode_batch, fn_kwargs={"resolution": resolution}, batch_size=batch_size, batch_format="numpy",
+                        num_cpus=decode_cpus)
+    return ds.map_batches(
+        udf,
+        fn_constructor_kwargs=constructor_kwargs,
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_gpus=gpus_per_actor,
+        num_cpus=cpus_per_actor,
+        max_restarts=-1,  # a killed actor is restarted and its batch redone
+        max_task_retries=-1,
+    )
+
+
 def decode_batch(batch: dict[str, np.ndarray], resolution: int) -> dict[str, np.ndarray]:
     """Read + decode + resize/crop; unreadable files become ok=False rows with the reason."""
     n = len(batch["id"])
@@ -353,7 +378,6 @@ def build_bank(
     progress: bool = True,
 ) -> Bank:
     """Build (or reuse, or resume) the bank of `dataset.train` for `spec`; returns the finished Bank."""
-    import ray
 
     key = spec.key(dataset_fingerprint(dataset))
     path = f"{cache_dir.rstrip('/')}/banks/{key}"
@@ -387,22 +411,8 @@ def build_bank(
     t0 = time.time()
     n_images = 0
     if todo:
-        cpus_per_actor, decode_cpus = split_cpus(num_actors, cpus_per_actor)
-        items = [{"id": r.id, "path": r.path, "label": r.label} for r in todo]
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // max(spec.batch_size, 1), 64)))
-        ds = ds.map_batches(decode_batch, fn_kwargs={"resolution": spec.resolution}, batch_size=spec.batch_size, batch_format="numpy",
-                            num_cpus=decode_cpus)
-        ds = ds.map_batches(
-            BankFeaturizer,
-            fn_constructor_kwargs={"spec": spec, "classes": dataset.classes},
-            batch_size=spec.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=num_actors),
-            num_gpus=gpus_per_actor,
-            num_cpus=cpus_per_actor,
-            max_restarts=-1,  # a killed actor is restarted and its batch redone
-            max_task_retries=-1,
-        )
+        ds = model_pipeline(todo, BankFeaturizer, {"spec": spec, "classes": dataset.classes}, spec.resolution, spec.batch_size,
+                            num_actors, gpus_per_actor, cpus_per_actor)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="feature bank", unit="img", disable=not progress)

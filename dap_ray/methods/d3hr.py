@@ -283,9 +283,8 @@ def invert_dataset(spec: InversionSpec, dataset: DatasetSplits, cache_dir: str, 
                    gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0, progress: bool = True) -> InversionResult:
     """Invert every training image of the classes not cached yet; write each class's statistics as
     soon as all its images are back (a killed run resumes class by class)."""
-    import ray
 
-    from dap_ray.bank import dataset_fingerprint, decode_batch, split_cpus
+    from dap_ray.bank import dataset_fingerprint, model_pipeline
 
     key = spec.key(dataset_fingerprint(dataset))
     path = f"{cache_dir.rstrip('/')}/d3hr/{key}"
@@ -305,22 +304,8 @@ def invert_dataset(spec: InversionSpec, dataset: DatasetSplits, cache_dir: str, 
     empty: list[str] = []
     if todo:
         log.info("d3hr: inverting %d images of %d classes (%d steps) into %s", len(todo), len(expected), spec.steps, path)
-        items = [{"id": r.id, "path": r.path, "label": r.label} for r in todo]
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // max(spec.batch_size, 1), 64)))
-        cpus_per_actor, decode_cpus = split_cpus(num_actors, cpus_per_actor)
-        ds = ds.map_batches(decode_batch, fn_kwargs={"resolution": spec.resolution}, batch_size=spec.batch_size, batch_format="numpy",
-                            num_cpus=decode_cpus)
-        ds = ds.map_batches(
-            D3HRInverter,
-            fn_constructor_kwargs={"spec": spec, "classes": dataset.classes},
-            batch_size=spec.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=num_actors),
-            num_gpus=gpus_per_actor,
-            num_cpus=cpus_per_actor,
-            max_restarts=-1,  # a killed actor is restarted and its batch redone
-            max_task_retries=-1,
-        )
+        ds = model_pipeline(todo, D3HRInverter, {"spec": spec, "classes": dataset.classes}, spec.resolution, spec.batch_size,
+                            num_actors, gpus_per_actor, cpus_per_actor)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="d3hr inversion", unit="img", disable=not progress)
