@@ -220,17 +220,25 @@ class StatsAccumulator:
             self.rff_sum[layer] = np.zeros((self.C, self.T, self._rff[layer].num_features), np.float64)
 
     def add(self, labels: np.ndarray, feats: dict[str, np.ndarray]) -> None:
-        labels = np.asarray(labels)
-        np.add.at(self.count, labels, 1)
+        """Add a batch: labels (B,), feats {layer: (B, T, D)} float32.
+
+        Grouped per class (a boolean mask per class present) rather than `np.add.at`, which is
+        unbuffered and ~10x slower; sums accumulate in float64 without a float64 copy of the batch."""
+        labels = np.asarray(labels, np.int64)
+        self.count += np.bincount(labels, minlength=self.C)
+        groups = [(int(c), labels == c) for c in np.unique(labels)]
         for layer, f in feats.items():  # f: (B, T, D)
             if layer not in self.sum:
                 self._init_layer(layer, f.shape[-1])
-            f64 = f.astype(np.float64)
-            np.add.at(self.sum[layer], labels, f64)
-            np.add.at(self.sum_sq[layer], labels, (f64**2).sum(-1))
-            if self.spec.rff:
-                z = self._rff[layer](torch.from_numpy(f64).reshape(-1, f.shape[-1])).reshape(len(labels), self.T, -1)
-                np.add.at(self.rff_sum[layer], labels, z.numpy())
+            z = None
+            if self.spec.rff:  # (B, T, M) random features of every (image, timestep)
+                z = self._rff[layer](torch.from_numpy(np.asarray(f, np.float64)).reshape(-1, f.shape[-1])).reshape(len(labels), self.T, -1).numpy()
+            for c, mask in groups:
+                fc = f[mask]  # (n_c, T, D)
+                self.sum[layer][c] += fc.sum(0, dtype=np.float64)
+                self.sum_sq[layer][c] += np.einsum("ntd,ntd->nt", fc, fc).sum(0, dtype=np.float64)  # ‖φ‖² per (image, t)
+                if z is not None:
+                    self.rff_sum[layer][c] += z[mask].sum(0)
 
     def merge(self, other: StatsAccumulator) -> None:
         self.count += other.count
@@ -321,8 +329,12 @@ def _write_bytes(fs, path: str, data: bytes) -> None:
 
 
 def _table_bytes(table: pa.Table) -> bytes:
+    """Parquet bytes: zstd for the id/path/label columns; the float features stored plain, because
+    zstd saved ~2% on them for most of the driver's write time."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    codecs = {name: ("none" if name == "feature" else "zstd") for name in table.column_names}
+    strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
+    pq.write_table(table, sink, compression=codecs, use_dictionary=strings)
     return sink.getvalue().to_pybytes()
 
 
