@@ -129,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     T = len(spec.timesteps)
 
     results: dict[str, object] = {}
+    metas: dict[str, list[dict]] = {}  # bank.meta of every timed build: start-up and steady-state rate
 
     def measure(label: str) -> dict:
         """Warm-up, actor start-up, then the interleaved rounds, on the Ray that is running now."""
@@ -138,7 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 def run():
                     d = tempfile.mkdtemp(dir=work)
                     try:
-                        results[f"{label}/ray{k}"] = build_bank(spec, data, d, num_actors=k, progress=False).stats
+                        bank = build_bank(spec, data, d, num_actors=k, progress=False)
+                        results[f"{label}/ray{k}"] = bank.stats
+                        metas.setdefault(f"{label}/ray{k}", []).append(bank.meta)
                     finally:
                         shutil.rmtree(d, ignore_errors=True)
                 return run
@@ -155,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 variants[f"ray{k}"] = ray_build(k)
             print(f"[{SECTION}] {label}: {n} images x {T} timesteps, batch {bs}: {list(variants)} x {repeats} rounds", flush=True)
             times = interleaved(variants, repeats, warmup=0, on_round=lambda r: print(f"  round {r + 1}/{repeats}", flush=True))
+            for k in args.actors:  # the warm-up build is not a timed one
+                metas[f"{label}/ray{k}"] = metas.get(f"{label}/ray{k}", [])[-repeats:]
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return {"times": times, "actor_start": actor_start}
@@ -204,8 +209,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         tables += [f"**{label}**" + ("" if m.get("ray_start") is None else f" (Ray start-up, once, not in the figures: {m['ray_start']:.1f} s)")
                    + ":", "", md_table(["variant", "time (s)", "images/s", "image x timesteps/s", "throughput vs loop"], rows), ""]
         loop_m = median(times["loop"])
+        built = metas.get(f"{label}/{k1}", [])
+        first = [b["first_batch_seconds"] for b in built if b.get("first_batch_seconds") is not None]
+        steady = [b["steady_images_per_second"] for b in built if b.get("steady_images_per_second")]
         lines.append(f"  - {label}: actor start-up {m['actor_start']:.1f} s (median); a {args.actors[0]}-actor build took "
-                     f"{median(times[k1]) - loop_m:.1f} s longer than the loop's {loop_m:.1f} s (medians).")
+                     f"{median(times[k1]) - loop_m:.1f} s longer than the loop's {loop_m:.1f} s (medians)"
+                     + (f"; its first featurised batch reached the driver after {median(first):.1f} s" if first else "") + ".")
+        if steady:
+            targets.append([f"{label}: Ray bank ({args.actors[0]} actor) steady-state throughput (after the first batch) / plain loop",
+                            f"{median(steady) / (n / loop_m):.2f}", "informative (start-up excluded)", "—"])
     loop_m = median(next(iter(measured.values()))["times"]["loop"])
     body = "\n".join([
         "## Feature-bank throughput (`benchmarks/bank_throughput.py`)",

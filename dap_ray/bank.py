@@ -71,18 +71,11 @@ class BankSpec:
 
 
 def dataset_fingerprint(ds: DatasetSplits) -> str:
-    """Hash of the training records (id, label, class keys) and, for local files, size and mtime."""
-    rows = []
-    for r in ds.train:
-        extra = ""
-        if "://" not in r.path:
-            try:
-                st = os.stat(r.path)
-                extra = f"{st.st_size}:{st.st_mtime_ns}"
-            except OSError:
-                extra = "missing"
-        rows.append((r.id, r.label, extra))
-    return config_hash({"classes": [c.key for c in ds.classes], "rows": rows}, 24)
+    """Hash of the training records (id, label, class keys) and each file's content version: size
+    and mtime for a local file, size and ETag for a remote object (taken when it was listed)."""
+    from dap_ray.data.images import record_versions
+
+    return config_hash({"classes": [c.key for c in ds.classes], "rows": record_versions(ds.train)}, 24)
 
 
 def rff_for(spec_rff: dict, dim: int) -> RandomFourierFeatures:
@@ -113,7 +106,11 @@ def model_pipeline(records: Sequence[ImageRecord], udf: type, constructor_kwargs
                    num_actors: int, gpus_per_actor: float, cpus_per_actor: float):
     """records -> decode tasks -> a restartable pool of `udf` actors (each holds the model once).
 
-    The Ray Data path shared by the feature bank and D3HR's inversion."""
+    The Ray Data path shared by the feature bank and D3HR's inversion. A killed actor is restarted
+    and its batch redone: Ray Data's actor pool creates its actors with max_restarts=-1 and
+    max_task_retries=-1 unless told otherwise (ActorPoolMapOperator._apply_default_remote_args).
+    Passing them ourselves would go through `**ray_remote_args`, deprecated in Ray 2.60 (removed in
+    2.64), which has no named parameter for them; tests/test_bank.py checks the restart."""
     import ray
 
     cpus_per_actor, decode_cpus = split_cpus(num_actors, cpus_per_actor)
@@ -129,8 +126,6 @@ def model_pipeline(records: Sequence[ImageRecord], udf: type, constructor_kwargs
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_gpus=gpus_per_actor,
         num_cpus=cpus_per_actor,
-        max_restarts=-1,  # a killed actor is restarted and its batch redone
-        max_task_retries=-1,
     )
 
 
@@ -422,6 +417,7 @@ def build_bank(
 
     t0 = time.time()
     n_images = 0
+    first_batch_at: float | None = None  # seconds until the first featurised batch: actor start + model load
     if todo:
         ds = model_pipeline(todo, BankFeaturizer, {"spec": spec, "classes": dataset.classes}, spec.resolution, spec.batch_size,
                             num_actors, gpus_per_actor, cpus_per_actor)
@@ -456,6 +452,8 @@ def build_bank(
         # fixed-size batches: shard boundaries (and resume checkpoints) do not depend on how Ray
         # happened to bundle the blocks
         for batch in ds.iter_batches(batch_size=spec.batch_size, batch_format="numpy"):
+            if first_batch_at is None:
+                first_batch_at = time.time() - t0
             buf.append(batch)
             buffered += len(batch["id"])
             n_images += len(batch["id"])
@@ -478,6 +476,10 @@ def build_bank(
         "build_seconds": round(seconds, 2),
         "images_per_second": round(n_images / seconds, 2) if n_images and seconds > 0 else None,
         "image_timesteps_per_second": round(n_images * len(spec.timesteps) / seconds, 2) if n_images and seconds > 0 else None,
+        # start-up (worker start, imports, model load, first batch) vs the rate once running
+        "first_batch_seconds": None if first_batch_at is None else round(first_batch_at, 2),
+        "steady_images_per_second": (round((n_images - spec.batch_size) / (seconds - first_batch_at), 2)
+                                     if first_batch_at is not None and n_images > spec.batch_size and seconds > first_batch_at else None),
         "num_actors": num_actors,
         "timesteps": list(spec.timesteps),
         "layers": list(spec.layers),

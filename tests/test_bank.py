@@ -128,6 +128,7 @@ def test_parquet_reads_back_with_plain_pyarrow(setup, ray_session, tmp_path):
     assert arr.shape == (t.num_rows, 256) and arr.dtype == np.float32
     assert set(t.column("timestep").to_pylist()) <= set(spec.timesteps)
     assert bank.meta["images_per_second"] > 0
+    assert 0 < bank.meta["first_batch_seconds"] <= bank.meta["build_seconds"]
 
 
 def test_cache_reuse_new_key_and_half_written(setup, ray_session, tmp_path):
@@ -184,3 +185,40 @@ def test_resume_after_partial_build(setup, ray_session, tmp_path, monkeypatch):
     assert set(per_image.values()) == {len(spec.timesteps)}  # no duplicated rows
     skipped_ids = {r.id for r in ds.train if r.path in dict(resumed.skipped)}
     assert done_before - skipped_ids < set(per_image)  # committed shards were kept, the rest was added
+
+
+def test_model_pipeline_restarts_a_killed_actor_and_redoes_its_batch(folder, ray_session, tmp_path):
+    """The actor pool's process dies in its first batch: Ray restarts the actor and redoes that batch
+    (every image comes back exactly once, none from the dead process). And model_pipeline passes no
+    `ray_remote_args` (Ray 2.60 warns that they are deprecated; 2.64 removes them)."""
+    import os
+    import warnings
+
+    import dap_ray.bank as bank_mod
+    from dap_ray.bank import model_pipeline
+
+    class DieOnce:
+        """Kills its own process on the first batch any actor of the pool gets (a marker file says so)."""
+
+        def __init__(self, marker: str):
+            self.marker = marker
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            if not os.path.exists(self.marker):
+                with open(self.marker, "w") as f:
+                    f.write(str(os.getpid()))
+                os._exit(1)  # as under the OOM killer: no exception, the worker process is gone
+            return {"id": batch["id"], "pid": np.full(len(batch["id"]), os.getpid())}
+
+    ds = resolve_dataset("imagefolder", str(folder), None, test_fraction=0.2, seed=0)
+    marker = tmp_path / "died"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = model_pipeline(ds.train, DieOnce, {"marker": str(marker)}, resolution=8, batch_size=4, num_actors=1,
+                              gpus_per_actor=0.0, cpus_per_actor=1.0)
+    ours = [f"{w.category.__name__}: {w.message}" for w in caught if w.filename == bank_mod.__file__]
+    assert not ours, ours
+    rows = pipe.take_all()
+    assert marker.exists(), "no actor died: nothing was tested"
+    assert sorted(str(r["id"]) for r in rows) == sorted(r.id for r in ds.train)
+    assert int(marker.read_text()) not in {int(r["pid"]) for r in rows}
