@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 from omegaconf import OmegaConf
@@ -20,18 +21,30 @@ from dap_ray.cli import run_main
 from dap_ray.config import config_hash, guidance_layer, to_structured, validate, validate_against_backbone
 from dap_ray.errors import UserError
 
+if TYPE_CHECKING:
+    from dap_ray.data.types import ClassInfo
+
 log = logging.getLogger("dap_ray.distill")
 
 
-def method_hash(cfg: Any, method: str) -> str:
-    """What determines a method's images: if it changes, old images in out_dir must not be reused."""
-    parts = {"method": method, "seed": cfg.seed, "ipc": cfg.ipc, "dataset": cfg.dataset, "model": cfg.model}
+def method_hash(cfg: Any, method: str, classes: Sequence[ClassInfo]) -> str:
+    """What determines a method's images: if it changes, old images in out_dir must not be reused.
+
+    DIVER refining an external set (method.diver_source) also depends on that set's files: their
+    names and content versions (size + mtime locally, size + ETag on S3) are part of its hash."""
+    parts: dict[str, Any] = {"method": method, "seed": cfg.seed, "ipc": cfg.ipc, "dataset": cfg.dataset, "model": cfg.model}
     if method != "random_real":
         parts["sampler"] = {k: v for k, v in OmegaConf.to_container(cfg.sampler).items() if k != "batch_size"}
         parts["batch"] = cfg.sampler.batch_size  # fixed batch composition is part of byte-identity
     if method in ("dap", "d3hr", "diver"):
         parts["knobs"] = cfg.method
         parts["bank"] = {"seed": cfg.bank.seed}
+    if method == "diver" and cfg.method.diver_source is not None and str(cfg.method.diver_source).strip():
+        from dap_ray.data.images import record_versions
+        from dap_ray.eval.run import distilled_records
+
+        # null (this run's random_real set) needs nothing more: that set follows from this config
+        parts["diver_source_files"] = config_hash({"rows": record_versions(distilled_records(str(cfg.method.diver_source), classes))})
     return config_hash(OmegaConf.create(OmegaConf.to_container(OmegaConf.create(parts), resolve=True)))
 
 
@@ -112,7 +125,7 @@ def run(cfg_raw: Any) -> int:
     methods = [get_method(m) for m in cfg.methods]
     if "sample" in cfg.stages:  # refuse a changed config now: before the bank, before config.yaml is overwritten
         for m in methods:
-            _check_method_dir(run_dir, m.name, method_hash(cfg, m.name))
+            _check_method_dir(run_dir, m.name, method_hash(cfg, m.name, dataset.classes))
     fs, rp = fsspec.core.url_to_fs(run_dir)
     fs.makedirs(rp, exist_ok=True)
     fs.pipe_file(f"{rp}/config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
@@ -140,15 +153,18 @@ def run(cfg_raw: Any) -> int:
         log.warning("%d unreadable input file(s) skipped; listed in %s", len(skipped), skipped_csv)
 
     # 2. sample
-    ctx = RunContext(cfg=cfg, dataset=dataset, backbone_info=backbone, run_dir=run_dir, bank=bank)
+    ctx = RunContext(cfg=cfg, dataset=dataset, backbone_info=backbone, run_dir=run_dir, bank=bank, skipped=skipped)
     if "sample" in cfg.stages:
         for m in methods:
             if m.uses_bank and bank is None:
                 raise UserError(f"method {m.name} needs the bank stage (stages={list(cfg.stages)})")
             t0 = time.time()
-            h = method_hash(cfg, m.name)
+            h = method_hash(cfg, m.name, dataset.classes)
             _check_method_dir(run_dir, m.name, h)
+            n_skipped = len(ctx.skipped)
             rows = m.run(ctx)
+            if len(ctx.skipped) > n_skipped:
+                log.warning("%s: %d unreadable input file(s) skipped; listed in %s", m.name, len(ctx.skipped) - n_skipped, skipped_csv)
             write_manifest(run_dir, m.name, rows, h)
             timings[f"sample/{m.name}"] = time.time() - t0
             log.info("%s: %d images in %s/%s/images (%.1fs)", m.name, len(rows), run_dir, m.name, timings[f"sample/{m.name}"])
@@ -167,7 +183,7 @@ def run(cfg_raw: Any) -> int:
     if "report" in cfg.stages and results is not None:
         from dap_ray.report import write_report
 
-        extra = {"timings_s": {k: round(v, 1) for k, v in timings.items()}, "ray": ray_info, "skipped": len(skipped),
+        extra = {"timings_s": {k: round(v, 1) for k, v in timings.items()}, "ray": ray_info, "skipped": len(ctx.skipped),
                  "bank": None if bank is None else {k: bank.meta.get(k) for k in ("key", "images", "images_per_second", "image_timesteps_per_second", "build_seconds", "reused")}}
         table = write_report(cfg, run_dir, results, extra)
         print(table)

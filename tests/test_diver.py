@@ -165,6 +165,65 @@ def test_list_sources_skips_bad_files_caps_ipc_and_names_missing(tmp_path):
         list_sources(str(tmp_path / "nowhere"), [ClassInfo(0, "3", "3")], 3, 8)
 
 
+@pytest.mark.unit
+def test_method_hash_follows_the_diver_source_files(tmp_path):
+    """method.diver_source's files (names, size + mtime) are part of DIVER's method hash: images
+    refined from other source images are never reused; other methods' hashes do not depend on them."""
+    import os
+
+    from dap_ray.cli import compose
+    from dap_ray.config import to_structured
+    from dap_ray.distill import method_hash
+
+    root = _source_set(tmp_path / "src")
+    cfg = to_structured(compose("distill", [f"method.diver_source={root}"]))
+
+    def hashes() -> tuple[str, str]:
+        return method_hash(cfg, "diver", CLASSES), method_hash(cfg, "dap", CLASSES)
+
+    first, dap = hashes()
+    assert hashes() == (first, dap)  # nothing changed
+    img = root / "3" / "img_1.png"
+    st = os.stat(img)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(img)  # same name, other content (and size)
+    changed = hashes()
+    assert changed[0] != first and changed[1] == dap
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched only: the mtime counts, like the bank's
+    touched = hashes()
+    assert touched[0] not in (first, changed[0])
+    (root / "7" / "img_9.png").write_bytes(img.read_bytes())  # one more file in a class folder
+    more = hashes()[0]
+    assert more not in (first, changed[0], touched[0])
+    (root / "5").mkdir()  # what DIVER never reads does not count: a non-image file
+    (root / "5" / "notes.txt").write_text("not an image")
+    assert hashes()[0] == more
+    null_cfg = to_structured(compose("distill", []))  # null: this run's random_real set, fixed by this config
+    assert method_hash(null_cfg, "diver", CLASSES) == method_hash(null_cfg, "diver", CLASSES[:2])
+
+
+@pytest.mark.integration
+def test_cli_changed_diver_source_is_refused_not_reused(tiny_dit_dir, tmp_path, cache_dir, ray_session, capsys):
+    """A DIVER run re-run on the same out_dir after its source images changed under the same path:
+    exit 2 naming the folder, instead of keeping images refined from the old sources."""
+    from dap_ray.distill import main
+
+    root = _source_set(tmp_path / "src", keys=("3", "7"), n=2)
+    out = tmp_path / "run"
+    argv = small_overrides(tiny_dit_dir, out, cache_dir) + [
+        "methods=[diver]", "stages=[sample]", "dataset.classes=[3,7]", f"method.diver_source={root}", "method.diver_gamma=0",
+    ]
+    assert main(argv) == 0
+    before = {p: p.read_bytes() for p in sorted((out / "diver" / "images").rglob("*.png"))}
+    assert len(before) == 4
+    assert main(argv) == 0  # unchanged sources: the finished images are kept
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(root / "7" / "img_0.png")
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{out}/diver holds images made with a different config" in err, err
+    assert {p: p.read_bytes() for p in sorted((out / "diver" / "images").rglob("*.png"))} == before
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end through the CLI and the actor pools
 # ---------------------------------------------------------------------------------------------

@@ -592,6 +592,48 @@ def test_large_and_unreadable_images_in_a_run(tiny_dit_dir, ray_session, tmp_pat
 
 
 @pytest.mark.integration
+def test_random_real_passes_over_and_reports_an_unreadable_pick(tiny_dit_dir, ray_session, tmp_path, capsys, caplog):
+    """random_real alone (no bank): a drawn training file that cannot be decoded is passed over, the
+    next draw of its class takes its place, and the file is listed in skipped.csv with its reason.
+    A resumed run (one image deleted) lists it again and refills the index with the same image."""
+    from dap_ray.data import load_image, read_skipped_csv
+
+    rng = np.random.default_rng(4)
+    root = tmp_path / "data"
+    for cls in ("0", "1"):
+        (root / "train" / cls).mkdir(parents=True)
+        for i in range(4):
+            (root / "train" / cls / f"img{i}.png").write_bytes(_png_bytes(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)))
+    base = [f"model.path={tiny_dit_dir}", f"cache_dir={tmp_path / 'cache'}", "dataset=imagefolder", f"dataset.root={root}",
+            "methods=[random_real]", "stages=[sample]", "ipc=2"]
+    rc, lines = _cli(base + [f"out_dir={tmp_path / 'clean'}"], capsys)
+    assert rc == 0, lines
+    clean = _digest(tmp_path / "clean" / "random_real" / "images")
+    assert len(clean) == 4 and read_skipped_csv(str(tmp_path / "clean" / "skipped.csv")) == []
+
+    # the file class 0's first draw landed on becomes unreadable
+    first_img = np.asarray(Image.open(tmp_path / "clean" / "random_real" / "images" / "0" / "00000.png").convert("RGB"))
+    (first,) = [p for p in sorted((root / "train" / "0").iterdir()) if np.array_equal(load_image(str(p), 8), first_img)]
+    first.write_bytes(b"this is not an image")
+    out = tmp_path / "run"
+    rc, lines = _cli(base + [f"out_dir={out}"], capsys)
+    assert rc == 0, lines
+    assert "random_real: 1 unreadable input file(s) skipped; listed in" in caplog.text
+    skipped = read_skipped_csv(str(out / "skipped.csv"))
+    assert [Path(p) for p, _ in skipped] == [first] and skipped[0][1].startswith("not an image"), skipped
+    got = _digest(out / "random_real" / "images")
+    assert len(got) == 4 and got["0/00000.png"] == clean["0/00001.png"]  # the next draw moved up
+    assert got["0/00001.png"] not in (got["0/00000.png"], clean["0/00000.png"])  # another image, not a duplicate
+    assert {k: v for k, v in got.items() if k.startswith("1/")} == {k: v for k, v in clean.items() if k.startswith("1/")}
+
+    (out / "random_real" / "images" / "0" / "00001.png").unlink()  # a run killed before its last image
+    rc, lines = _cli(base + [f"out_dir={out}"], capsys)
+    assert rc == 0, lines
+    assert read_skipped_csv(str(out / "skipped.csv")) == skipped
+    assert _digest(out / "random_real" / "images") == got  # refilled with the same image, not a duplicate
+
+
+@pytest.mark.integration
 def test_changed_config_on_existing_out_dir_is_refused_before_any_work(tiny_dit_dir, ray_session, tmp_path, capsys):
     """Another config pointed at an existing out_dir: exit 2 naming the folder, before the bank is
     built, and the run's images and config.yaml are left as they were."""

@@ -166,6 +166,39 @@ def test_reduced_distill_with_dataset_cache_and_run_dir_on_s3(s3_env, tiny_dit_d
     assert {p: fs.info(p)["LastModified"] for p in fs.find(f"{run}/dap/images")} == before
 
 
+@pytest.mark.timeout(120)
+def test_dataset_fingerprint_follows_s3_object_content(s3_env):
+    """An object overwritten under the same key (same size, other bytes) changes the fingerprint that
+    keys the cached feature bank (and D3HR's inversion); with nothing changed it is stable. The
+    version (size + ETag) comes from the listing; a distilled set on S3 (DIVER's source) gets it too."""
+    from dap_ray.bank import dataset_fingerprint
+    from dap_ray.data import resolve_dataset
+    from dap_ray.data.images import record_versions
+    from dap_ray.eval.run import distilled_records
+
+    fs = _s3fs()
+    bucket = f"dap-ray-fingerprint-{secrets.token_hex(3)}"
+    fs.mkdir(bucket)
+    for cls in ("a", "b"):
+        for i in range(2):  # only listed, never decoded here: any bytes do
+            fs.pipe_file(f"{bucket}/ds/train/{cls}/img{i}.png", bytes([65 + i]) * 64)
+
+    def resolve():
+        ds = resolve_dataset("imagefolder", f"s3://{bucket}/ds", None)
+        return ds, dataset_fingerprint(ds), record_versions(distilled_records(f"s3://{bucket}/ds/train", ds.classes))
+
+    ds1, fp1, src1 = resolve()
+    assert [r.id for r in ds1.train] == ["a/img0.png", "a/img1.png", "b/img0.png", "b/img1.png"]
+    assert all(r.version.startswith("64:") and len(r.version) > 3 for r in ds1.train), ds1.train
+    assert resolve()[1:] == (fp1, src1)  # nothing changed: same fingerprint
+
+    fs.pipe_file(f"{bucket}/ds/train/a/img0.png", b"Z" * 64)  # same key, same size, other bytes
+    ds2, fp2, src2 = resolve()
+    assert fp2 != fp1 and src2 != src1
+    assert [r.id for r, old in zip(ds2.train, ds1.train) if r.version != old.version] == ["a/img0.png"]
+    assert resolve()[1:] == (fp2, src2)
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("key", ["dataset.root", "out_dir"])  # cache_dir takes out_dir's code path
 def test_missing_bucket_is_a_one_line_user_error(s3_env, tiny_dit_dir, tmp_path, key):

@@ -272,6 +272,28 @@ def test_incomplete_pipeline_dir_is_a_user_error(sd_dir, tmp_path):
         load_backbone({"type": "sd", "path": str(tmp_path / "nowhere")})
 
 
+@pytest.mark.parametrize("component", ["unet", "vae", "text_encoder"])
+def test_weights_missing_a_tensor_are_refused(sd_dir, tmp_path, component):
+    """A safetensors file lacking one tensor of its config.json is a one-line UserError naming the
+    component directory: the loaders would leave that layer random (or on the meta device)."""
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / f"sd_no_tensor_{component}"
+    shutil.copytree(sd_dir, d)
+    (weights,) = (d / component).glob("*.safetensors")
+    tensors = load_file(weights)
+    dropped = sorted(tensors)[len(tensors) // 2]
+    del tensors[dropped]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(UserError) as e:
+        load_backbone({"type": "sd", "path": str(d)})
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    assert msg.startswith(f"{d / component}: the {component} weights do not match its config.json (1 tensors missing"), msg
+    # transformers names the tensor without its model prefix ("text_model."), diffusers as stored
+    assert dropped.endswith(msg.rsplit("e.g. ", 1)[1].rstrip(")")), msg
+
+
 def test_fp16_variant_only_dir_loads(sd_dir, tmp_path):
     """Hub snapshots may carry only `*.fp16.safetensors`; those load (as the variant), nothing pickled."""
     d = tmp_path / "sd_fp16"

@@ -9,8 +9,10 @@ guidance gradient cheap: backward runs through blocks 0..ℓ only.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,6 +88,45 @@ def check_safetensors(component_dir: Path, what: str) -> None:
             "`model.save_pretrained(dir, safe_serialization=True)` from a trusted environment."
         )
     raise UserError(f"{component_dir}: no weights for {what} (expected *.safetensors)")
+
+
+@contextmanager
+def _loader_errors_only(loader: Any) -> Iterator[None]:
+    """Silence the loader library's warnings (diffusers, and transformers for its models) for a load."""
+    from diffusers.utils import logging as diffusers_logging
+
+    libs = [diffusers_logging]
+    if str(getattr(loader, "__module__", "")).startswith("transformers"):
+        from transformers.utils import logging as transformers_logging
+
+        libs.append(transformers_logging)
+    levels = [lib.get_verbosity() for lib in libs]
+    for lib in libs:
+        lib.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for lib, level in zip(libs, levels):
+            lib.set_verbosity(level)
+
+
+def load_checked(loader: Any, directory: Path, what: str, **kwargs: Any) -> Any:
+    """`loader.from_pretrained(directory)` from safetensors that refuses weights not matching the
+    config: diffusers and transformers only warn about missing tensors and leave those layers random
+    (or on the meta device), which would silently make a different model. `loader` is a diffusers
+    model class or a transformers one (CLIPTextModel): both take `use_safetensors` and
+    `output_loading_info`. Failures are one-line UserErrors naming the directory."""
+    check_safetensors(directory, what)
+    with _loader_errors_only(loader):  # their "weights newly initialized" warning becomes our error below
+        try:
+            model, info = loader.from_pretrained(directory, use_safetensors=True, output_loading_info=True, **kwargs)
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+            raise UserError(f"{directory}: could not load the {what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise UserError(f"{directory}: the {what} weights do not match its config.json ({len(missing)} tensors missing, "
+                        f"e.g. {sorted(missing)[0]})")
+    return model
 
 
 class Backbone(ABC):

@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
 from torch import nn
 
-from dap_ray.backbones.base import Backbone, check_safetensors, resolve_model_dir
+from dap_ray.backbones.base import Backbone, load_checked, resolve_model_dir
 from dap_ray.data.types import ClassInfo
 from dap_ray.errors import UserError
 
@@ -37,28 +37,6 @@ def _load_scheduler(root: Path) -> DDIMScheduler:
         raise UserError(f"{root}: missing scheduler/scheduler_config.json")
     # Any DDPM-family scheduler config gives the same betas; DDIM is what we sample with.
     return DDIMScheduler.from_config(_read_json(sched_dir / "scheduler_config.json"))
-
-
-def load_checked(loader, directory: Path, what: str, **kwargs):
-    """`loader.from_pretrained(directory)` from safetensors that refuses weights not matching the
-    config: diffusers only warns about missing tensors and leaves those layers random (or on the
-    meta device), which would silently make a different model. Failures are one-line UserErrors."""
-    from diffusers.utils import logging as diffusers_logging
-
-    check_safetensors(directory, what)
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # its "weights newly initialized" warning becomes our error below
-    try:
-        model, info = loader.from_pretrained(directory, use_safetensors=True, output_loading_info=True, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
-        raise UserError(f"{directory}: could not load the {what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-    missing = list(info.get("missing_keys") or [])
-    if missing:
-        raise UserError(f"{directory}: the {what} weights do not match its config.json ({len(missing)} tensors missing, "
-                        f"e.g. {sorted(missing)[0]})")
-    return model
 
 
 def _to(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:

@@ -26,7 +26,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import nn
 
-from dap_ray.backbones.base import Backbone, check_safetensors, resolve_model_dir
+from dap_ray.backbones.base import Backbone, load_checked, resolve_model_dir
 from dap_ray.data.types import ClassInfo
 from dap_ray.errors import ConfigError, UserError
 
@@ -44,15 +44,6 @@ def _variant(component_dir: Path) -> str | None:
         return None
     variants = sorted({m.group(1) for n in names if (m := _VARIANT_RE.match(n))})
     return variants[0] if variants else None
-
-
-def _load_component(loader, component_dir: Path, what: str, **kwargs):
-    """`loader.from_pretrained` on a checked safetensors directory; failures become one-line UserErrors."""
-    check_safetensors(component_dir, what)
-    try:
-        return loader.from_pretrained(component_dir, use_safetensors=True, variant=_variant(component_dir), **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
-        raise UserError(f"{component_dir}: could not load the {what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def _to(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -153,9 +144,12 @@ class SDBackbone(Backbone):
                 f"model.path={str(root)!r} is not a Stable Diffusion pipeline directory: missing {', '.join(m + '/' for m in missing)} "
                 "(expected unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
             )
-        unet = _load_component(UNet2DConditionModel, root / "unet", "unet")
-        vae = _load_component(AutoencoderKL, root / "vae", "vae")
-        text_encoder = _load_component(CLIPTextModel, root / "text_encoder", "text_encoder", local_files_only=True)
+        # load_checked refuses weight files that miss tensors of their config.json (the loaders would
+        # otherwise leave those layers random or on the meta device)
+        unet = load_checked(UNet2DConditionModel, root / "unet", "unet", variant=_variant(root / "unet"))
+        vae = load_checked(AutoencoderKL, root / "vae", "vae", variant=_variant(root / "vae"))
+        text_encoder = load_checked(CLIPTextModel, root / "text_encoder", "text_encoder", variant=_variant(root / "text_encoder"),
+                                    local_files_only=True)
         try:
             tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as e:

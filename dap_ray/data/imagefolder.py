@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from dap_ray.data.classlists import PRESETS, get_class_list, get_imagenet_name, is_imagenet_wnid
-from dap_ray.data.images import filesystem, is_local
+from dap_ray.data.images import filesystem, is_local, listing_version
 from dap_ray.data.types import ClassInfo, DatasetSplits, ImageRecord
 from dap_ray.errors import ConfigError, UserError
 
@@ -117,17 +117,23 @@ def _walk_local(class_root: str) -> list[str]:
     return [os.path.join(d, f).replace(os.sep, "/") for d, _, files in os.walk(class_root) for f in files]
 
 
-def _list_images(fs: Any, split_root: str, key: str) -> list[tuple[str, str]]:
-    """Sorted (id relative to split_root, full path or URI) of the image files of one class."""
+def _list_images(fs: Any, split_root: str, key: str) -> list[tuple[str, str, str]]:
+    """Sorted (id relative to split_root, full path or URI, content version) of the image files of
+    one class. The version of a remote object (size + ETag) comes with the listing; a local file's
+    is left empty (its size and mtime are read when a fingerprint is taken, not for every file here).
+    """
     class_root = _join(split_root, key)
     prefix = split_root.rstrip("/") + "/"
     local = is_local(fs)
+    listing = {p: "" for p in _walk_local(class_root)} if local else {
+        p: listing_version(info) for p, info in fs.find(class_root, detail=True).items()
+    }
     out = []
-    for p in _walk_local(class_root) if local else fs.find(class_root, detail=False):
+    for p, version in listing.items():
         rel = p[len(prefix) :] if p.startswith(prefix) else f"{key}/" + p.split(f"/{key}/", 1)[-1]
         if any(part.startswith(".") for part in rel.split("/")) or not is_image_file(rel):
             continue
-        out.append((rel, p if local else fs.unstrip_protocol(p)))
+        out.append((rel, p if local else fs.unstrip_protocol(p), version))
     return sorted(out)
 
 
@@ -250,7 +256,7 @@ def resolve_imagefolder(
                 f"class {c.key!r} has no image files in {uri(_join(train_root, c.key))!r} "
                 f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
             )
-        records.extend(ImageRecord(id=rel, path=path, label=c.index) for rel, path in files)
+        records.extend(ImageRecord(id=rel, path=path, label=c.index, version=v) for rel, path, v in files)
 
     if layout_dirs:
         train = sorted(records, key=lambda r: r.id)
@@ -259,8 +265,8 @@ def resolve_imagefolder(
             for c in infos:
                 if fs.isdir(_join(test_root, c.key)):
                     test.extend(
-                        ImageRecord(id=rel, path=path, label=c.index)
-                        for rel, path in _list_images(fs, test_root, c.key)
+                        ImageRecord(id=rel, path=path, label=c.index, version=v)
+                        for rel, path, v in _list_images(fs, test_root, c.key)
                     )
         test.sort(key=lambda r: r.id)
     else:

@@ -29,11 +29,14 @@ import os
 import struct
 import uuid
 import warnings
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import fsspec
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from dap_ray.data.types import ImageRecord
 
 # Generous: a 16k x 12k photo passes. PIL's own check warns above MAX_IMAGE_PIXELS and raises above
 # twice that; we raise the threshold to ours and do the check ourselves so the reason is clear.
@@ -72,6 +75,34 @@ def filesystem(path: str, storage_options: dict | None = None) -> tuple[Any, str
 def is_local(fs: Any) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
+
+
+def listing_version(info: Mapping[str, Any]) -> str:
+    """Content version of a remote object from its fsspec listing entry (``ls``/``find`` with
+    ``detail=True``, so no request per object): ``size:ETag``. S3 gives every upload a new ETag,
+    even one of the same size under the same key; a store without ETags falls back to its
+    modification time."""
+    tag = next((info[k] for k in ("ETag", "etag", "LastModified", "last_modified", "mtime") if info.get(k)), "")
+    tag = str(tag).strip('"')  # S3 quotes its ETags
+    return f"{info.get('size')}:{tag}"
+
+
+def file_version(path: str, version: str = "") -> str:
+    """Content version of one input file, for cache keys: the one captured at listing when there
+    is one (remote objects, ``listing_version``), else ``size:mtime_ns`` of a local file
+    (``missing`` when it is gone)."""
+    if version or "://" in path:
+        return version
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def record_versions(records: Iterable[ImageRecord]) -> list[tuple[str, int, str]]:
+    """(id, label, content version) of each record: what a cache key over input files hashes."""
+    return [(r.id, r.label, file_version(r.path, r.version)) for r in records]
 
 
 def read_bytes(path: str) -> bytes:

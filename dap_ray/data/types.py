@@ -17,6 +17,10 @@ class ImageRecord:
     id: str  # stable id: path relative to the split root, e.g. "n01440764/img_001.JPEG"
     path: str  # full path or URI (local path or s3://bucket/...)
     label: int  # ClassInfo.index
+    # Content version captured where the dataset was listed, without an extra request per object:
+    # "size:ETag" for a remote object (images.listing_version); "" for a local file, whose
+    # size:mtime is read when a fingerprint needs it (images.file_version).
+    version: str = ""
 
 
 @dataclass

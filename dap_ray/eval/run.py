@@ -52,18 +52,23 @@ def load_split(records: Sequence[ImageRecord], resolution: int, limit: int | Non
 
 def distilled_records(folder: str, classes: Sequence[Any], ipc: int | None = None) -> list[ImageRecord]:
     """Records of an ImageFolder of distilled images (<folder>/<class key>/*.png|jpg), sorted by name;
-    the first `ipc` per class when subsampling (IPC 100 -> 50 -> 10 from one set)."""
+    the first `ipc` per class when subsampling (IPC 100 -> 50 -> 10 from one set). Remote records carry
+    the content version of their listing entry (size + ETag), as the dataset's do."""
     from dap_ray.data.imagefolder import is_image_file
+    from dap_ray.data.images import listing_version
 
     fs, root = fsspec.core.url_to_fs(folder)
     proto = "" if "://" not in folder else folder.split("://", 1)[0] + "://"
     recs = []
     for c in classes:
         d = f"{root.rstrip('/')}/{c.key}"
-        files = sorted(f for f in (fs.ls(d, detail=False) if fs.exists(d) else []) if is_image_file(f))
+        fs.invalidate_cache(d)  # list what the store holds now, not an earlier listing of this process
+        entries = fs.ls(d, detail=True) if fs.exists(d) else []
+        files = sorted((e["name"], listing_version(e) if proto else "") for e in entries if is_image_file(e["name"]))
         if ipc is not None:
             files = files[:ipc]
-        recs += [ImageRecord(f"{c.key}/{f.rsplit('/', 1)[-1]}", proto + f if proto and not f.startswith(proto) else f, c.index) for f in files]
+        recs += [ImageRecord(f"{c.key}/{f.rsplit('/', 1)[-1]}", proto + f if proto and not f.startswith(proto) else f, c.index, v)
+                 for f, v in files]
     return recs
 
 

@@ -6,6 +6,7 @@ methods share the actor pool (dap_ray.sampling.run_pool) and differ only in thei
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,9 +22,25 @@ class RunContext:
     bank: Any | None = None  # dap_ray.bank.Bank when a method needs it
     progress: bool = True
     extra: dict = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable inputs (path, reason) in <run>/skipped.csv
 
     def method_dir(self, name: str) -> str:
         return f"{self.run_dir.rstrip('/')}/{name}"
+
+    def report_skipped(self, rows: Iterable[tuple[str, str]]) -> None:
+        """Add unreadable inputs a method passed over to the run's bad-file report: `skipped`, and
+        <run>/skipped.csv rewritten with all of them (each path once)."""
+        from dap_ray.data import write_skipped_csv
+
+        known = {p for p, _ in self.skipped}
+        new = []
+        for path, reason in rows:
+            if str(path) not in known:
+                known.add(str(path))
+                new.append((str(path), str(reason)))
+        if new:
+            self.skipped.extend(new)
+            write_skipped_csv(self.run_dir, self.skipped)
 
 
 class Method:
