@@ -209,7 +209,7 @@ def test_ray_data_inversion_equals_plain_loop_and_is_cached(tiny_dit_dir, ray_se
                          resolution=8, batch_size=3)
     res = invert_dataset(spec, ds, str(tmp_path / "cache"), num_actors=2, cpus_per_actor=0.5, progress=False)  # + 1 CPU for decoding
     assert sorted(res.computed) == ["2", "5"] and res.reused == []
-    assert [p.rsplit("/", 2)[-2:] for p, _ in res.skipped] == [["5", "broken.png"]]
+    assert [(p, why.split(":")[0]) for p, why in res.skipped] == [(str(root / "5" / "broken.png"), "not an image")]
 
     # the reference: a plain loop over the same images, no Ray
     from dap_ray.data import BadImageError, load_image
@@ -236,6 +236,7 @@ def test_ray_data_inversion_equals_plain_loop_and_is_cached(tiny_dit_dir, ray_se
     # a second call reuses every class; another inversion setting is another cache entry
     again = invert_dataset(spec, ds, str(tmp_path / "cache"), num_actors=1, progress=False)
     assert again.path == res.path and sorted(again.reused) == ["2", "5"] and again.computed == []
+    assert again.skipped == res.skipped  # kept with the cached statistics: a reusing run still reports the file
     other = InversionSpec(**{**spec.__dict__, "invert_t": 500})
     assert other.key("x") != spec.key("x")
 

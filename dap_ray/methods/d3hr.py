@@ -271,6 +271,16 @@ def load_class_stats(path: str) -> dict[str, torch.Tensor]:
     return dict(st_load(fs.cat_file(p)))
 
 
+def class_stats_skipped(path: str) -> list[tuple[str, str]]:
+    """The unreadable inputs (path, reason) of one class, kept in its statistics file's metadata so
+    a run that reuses the cached statistics still reports them (safetensors: an 8-byte little-endian
+    header length, then a JSON header whose "__metadata__" holds str -> str)."""
+    fs, p = fsspec.core.url_to_fs(path)
+    with fs.open(p, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return [tuple(x) for x in json.loads(header.get("__metadata__", {}).get("skipped", "[]"))]
+
+
 @dataclass
 class InversionResult:
     path: str  # <cache_dir>/d3hr/<key>
@@ -300,8 +310,9 @@ def invert_dataset(spec: InversionSpec, dataset: DatasetSplits, cache_dir: str, 
     if missing:
         raise UserError(f"class(es) {', '.join(missing)} have no training image for D3HR's inversion")
     computed: list[str] = []
-    skipped: list[tuple[str, str]] = []
+    skipped = [row for c in dataset.classes if c.key in reused for row in class_stats_skipped(class_stats_path(root, c.key))]
     empty: list[str] = []
+    paths = {r.id: r.path for r in todo}
     if todo:
         log.info("d3hr: inverting %d images of %d classes (%d steps) into %s", len(todo), len(expected), spec.steps, path)
         ds = model_pipeline(todo, D3HRInverter, {"spec": spec, "classes": dataset.classes}, spec.resolution, spec.batch_size,
@@ -318,7 +329,8 @@ def invert_dataset(spec: InversionSpec, dataset: DatasetSplits, cache_dir: str, 
             ok = np.concatenate([p["ok"] for p in parts]).astype(bool)
             lat = np.concatenate([p["latent"] for p in parts])
             reasons = np.concatenate([p["reason"] for p in parts])
-            skipped.extend((str(i), str(r)) for i, r, o in zip(ids, reasons, ok) if not o)
+            bad = [(paths[str(i)], str(r)) for i, r, o in zip(ids, reasons, ok) if not o]
+            skipped.extend(bad)
             key_c = classes[label].key
             if not ok.any():
                 empty.append(key_c)
@@ -326,7 +338,8 @@ def invert_dataset(spec: InversionSpec, dataset: DatasetSplits, cache_dir: str, 
             order = np.argsort(ids[ok], kind="stable")  # order-independent sums => same bytes for any pool
             x = torch.from_numpy(lat[ok][order]).to(torch.float64)  # (N, D)
             st = distribution_stats(x, dim=0)
-            blob = st_save({"count": torch.tensor([x.shape[0]], dtype=torch.int64), **{k: v.contiguous() for k, v in st.items()}})
+            blob = st_save({"count": torch.tensor([x.shape[0]], dtype=torch.int64), **{k: v.contiguous() for k, v in st.items()}},
+                           metadata={"skipped": json.dumps(sorted(bad))})
             _write_atomic(class_stats_path(path, key_c), blob)
             computed.append(key_c)
 
@@ -441,6 +454,7 @@ class D3HR(Method):
         inv = invert_dataset(spec, ctx.dataset, _expand(str(cfg.cache_dir)), num_actors=int(r.bank_actors),
                              gpus_per_actor=float(r.gpus_per_actor), cpus_per_actor=float(r.cpus_per_actor), progress=ctx.progress)
         log.info("d3hr: class statistics in %s (%d reused, %d computed)", inv.path, len(inv.reused), len(inv.computed))
+        ctx.report_skipped(inv.skipped)  # the run's skipped.csv (already there when the bank skipped them too)
         noise_dir = f"{ctx.method_dir(self.name)}/noises"
         picked = select_all(inv.path, noise_dir, ctx.dataset.classes, int(cfg.ipc), int(m.d3hr_groups), list(m.d3hr_stats),
                             int(cfg.seed), float(r.cpus_per_actor))
