@@ -155,19 +155,27 @@ def run(cfg_raw: Any) -> int:
     # 2. sample
     ctx = RunContext(cfg=cfg, dataset=dataset, backbone_info=backbone, run_dir=run_dir, bank=bank, skipped=skipped)
     if "sample" in cfg.stages:
-        for m in methods:
-            if m.uses_bank and bank is None:
-                raise UserError(f"method {m.name} needs the bank stage (stages={list(cfg.stages)})")
-            t0 = time.time()
-            h = method_hash(cfg, m.name, dataset.classes)
-            _check_method_dir(run_dir, m.name, h)
-            n_skipped = len(ctx.skipped)
-            rows = m.run(ctx)
-            if len(ctx.skipped) > n_skipped:
-                log.warning("%s: %d unreadable input file(s) skipped; listed in %s", m.name, len(ctx.skipped) - n_skipped, skipped_csv)
-            write_manifest(run_dir, m.name, rows, h)
-            timings[f"sample/{m.name}"] = time.time() - t0
-            log.info("%s: %d images in %s/%s/images (%.1fs)", m.name, len(rows), run_dir, m.name, timings[f"sample/{m.name}"])
+        from dap_ray.sampling import SamplerPool
+
+        r = cfg.runtime
+        # one pool for every sampler method of the run: the model is loaded once per actor, not per method
+        with SamplerPool(int(r.sampler_actors), float(r.gpus_per_actor), float(r.cpus_per_actor)) as ctx.sampler_pool:
+            for m in methods:
+                if m.uses_bank and bank is None:
+                    raise UserError(f"method {m.name} needs the bank stage (stages={list(cfg.stages)})")
+                t0 = time.time()
+                h = method_hash(cfg, m.name, dataset.classes)
+                _check_method_dir(run_dir, m.name, h)
+                if m.own_ray_stage:
+                    ctx.sampler_pool.close()  # restarted on its next use
+                n_skipped = len(ctx.skipped)
+                rows = m.run(ctx)
+                if len(ctx.skipped) > n_skipped:
+                    log.warning("%s: %d unreadable input file(s) skipped; listed in %s", m.name, len(ctx.skipped) - n_skipped, skipped_csv)
+                write_manifest(run_dir, m.name, rows, h)
+                timings[f"sample/{m.name}"] = time.time() - t0
+                log.info("%s: %d images in %s/%s/images (%.1fs)", m.name, len(rows), run_dir, m.name, timings[f"sample/{m.name}"])
+        ctx.sampler_pool = None
 
     # 3. evaluate
     results = None

@@ -210,7 +210,7 @@ def existing_indices(out_dir: str, class_key: str) -> set[int]:
 class SamplerWorker:
     """Holds the backbone (and guidance) once; renders work items. Wrapped as a Ray actor by the pool."""
 
-    def __init__(self, job: SamplerJob, device: str | None = None):
+    def __init__(self, job: SamplerJob, device: str | None = None, job_ref: str | None = None):
         from dap_ray.backbones import load_backbone, torch_dtype
 
         self.job = job
@@ -218,6 +218,25 @@ class SamplerWorker:
         self.backbone = load_backbone(job.model, self.device, torch_dtype(job.dtype, self.device))
         self.backbone.bind_classes(list(job.classes))
         self.guidance = job.guidance.build(self.backbone) if job.guidance is not None else None
+        self._job_ref = job_ref  # the ObjectRef (hex) of the pool's job this actor holds, if any
+
+    def switch(self, job: SamplerJob) -> None:
+        """Render another job's items (another method of the same run) with the model already loaded."""
+        if model_key(job) != model_key(self.job):
+            raise ValueError("a sampler worker only switches between jobs on the same model, dtype and classes")
+        self.job = job
+        self.guidance = job.guidance.build(self.backbone) if job.guidance is not None else None
+
+    def render_for(self, job_box: list, item: WorkItem) -> list[dict]:
+        """`render` for the job whose ObjectRef is job_box[0] (boxed so Ray does not resolve it on every
+        call: the job, with its guidance recipe, is fetched and built once per job, not per item)."""
+        import ray
+
+        ref = job_box[0]
+        if ref.hex() != self._job_ref:
+            self.switch(ray.get(ref))
+            self._job_ref = ref.hex()
+        return self.render(item)
 
     def render(self, item: WorkItem) -> list[dict]:
         key = self.job.classes[item.label].key
@@ -252,35 +271,82 @@ def work_items(method: str, num_classes: int, ipc: int, batch_size: int) -> list
     return [WorkItem(method, c, s, min(s + batch_size, ipc)) for c in range(num_classes) for s in range(0, ipc, batch_size)]
 
 
+def model_key(job: SamplerJob) -> tuple:
+    """What a sampler actor loads: jobs with equal keys can share actors."""
+    import json
+
+    return (json.dumps(job.model, sort_keys=True, default=str), job.dtype, tuple(c.key for c in job.classes))
+
+
+class SamplerPool:
+    """Sampler actors kept for a whole run, so every sampler method of the run (vanilla, dap, d3hr,
+    diver, ...) reuses them: the model is loaded once per actor, not once per method. Actors are
+    created on first need (at most `num_actors`, never more than there are items) and restartable:
+    a killed actor is restarted and its item redone (same seeds => same bytes, same names => no
+    duplicates). Use as a context manager, or call `close()`."""
+
+    def __init__(self, num_actors: int = 1, gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0):
+        self.num_actors, self.gpus_per_actor, self.cpus_per_actor = int(num_actors), float(gpus_per_actor), float(cpus_per_actor)
+        self.actors: list = []
+        self._key: tuple | None = None
+        self._ctor_refs: list = []  # the jobs the actors were created with: kept alive for their restarts
+
+    def __enter__(self) -> SamplerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors, self._key, self._ctor_refs = [], None, []
+
+    def run(self, job: SamplerJob, items: list[WorkItem], progress: bool = True, desc: str = "sampling") -> list[dict]:
+        """Render `items` of `job`; finished items are skipped. Returns one row per image of `items`."""
+        import ray
+        from ray.util import ActorPool
+        from tqdm.auto import tqdm
+
+        pending = []
+        have_by_class: dict[int, set[int]] = {}
+        for it in items:
+            if it.label not in have_by_class:  # one listing (and PNG check) per class, not per item
+                have_by_class[it.label] = existing_indices(job.out_dir, job.classes[it.label].key)
+            if not all(i in have_by_class[it.label] for i in range(it.start, it.stop)):
+                pending.append(it)
+        records = [
+            {"class": job.classes[it.label].key, "label": it.label, "index": i, "seed": seed_for(job.seed, "sample", job.classes[it.label].key, i)}
+            for it in items if it not in pending for i in range(it.start, it.stop)
+        ]
+        if not pending:
+            return records
+        if self._key is not None and self._key != model_key(job):
+            self.close()  # another model: these actors cannot render it
+        self._key = model_key(job)
+        Actor = ray.remote(SamplerWorker).options(num_cpus=self.cpus_per_actor, num_gpus=self.gpus_per_actor,
+                                                  max_restarts=-1, max_task_retries=-1)
+        job_ref = ray.put(job)
+        job_box = [job_ref]
+        while len(self.actors) < min(self.num_actors, len(pending)):
+            # a restarted actor rebuilds from its first job, then switches to the current one
+            self.actors.append(Actor.remote(job_ref, None, job_ref.hex()))
+            if not self._ctor_refs or self._ctor_refs[-1] is not job_ref:
+                self._ctor_refs.append(job_ref)
+        pool = ActorPool(self.actors[:len(pending)])
+        bar = tqdm(total=len(pending), desc=desc, unit="item", disable=not progress)
+        for res in pool.map_unordered(lambda a, it: a.render_for.remote(job_box, it), pending):
+            records.extend(res)
+            bar.update(1)
+        bar.close()
+        return records
+
+
 def run_pool(job: SamplerJob, items: list[WorkItem], num_actors: int = 1, gpus_per_actor: float = 0.0,
              cpus_per_actor: float = 1.0, progress: bool = True, desc: str = "sampling") -> list[dict]:
-    """Render `items` on a pool of sampler actors; skips finished items; a killed actor is restarted
-    and its item redone (same seeds => same bytes, same file names => no duplicates)."""
-    import ray
-    from ray.util import ActorPool
-    from tqdm.auto import tqdm
-
-    pending = []
-    have_by_class: dict[int, set[int]] = {}
-    for it in items:
-        if it.label not in have_by_class:  # one listing (and PNG check) per class, not per item
-            have_by_class[it.label] = existing_indices(job.out_dir, job.classes[it.label].key)
-        if not all(i in have_by_class[it.label] for i in range(it.start, it.stop)):
-            pending.append(it)
-    records = [
-        {"class": job.classes[it.label].key, "label": it.label, "index": i, "seed": seed_for(job.seed, "sample", job.classes[it.label].key, i)}
-        for it in items if it not in pending for i in range(it.start, it.stop)
-    ]
-    if not pending:
-        return records
-    Actor = ray.remote(SamplerWorker).options(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=-1, max_task_retries=-1)
-    actors = [Actor.remote(job) for _ in range(min(num_actors, len(pending)))]
-    pool = ActorPool(actors)
-    bar = tqdm(total=len(pending), desc=desc, unit="item", disable=not progress)
-    for res in pool.map_unordered(lambda a, it: a.render.remote(it), pending):
-        records.extend(res)
-        bar.update(1)
-    bar.close()
-    for a in actors:
-        ray.kill(a)
-    return records
+    """Render `items` on a pool of sampler actors started for this call alone (`SamplerPool` keeps them
+    for a run); skips finished items; a killed actor is restarted and its item redone."""
+    with SamplerPool(num_actors, gpus_per_actor, cpus_per_actor) as pool:
+        return pool.run(job, items, progress, desc)

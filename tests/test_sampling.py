@@ -152,3 +152,39 @@ def test_dap_through_the_pool_differs_from_vanilla_and_is_deterministic(digits_b
     d1, d2, v = _digest(tmp_path / "d1"), _digest(tmp_path / "d2"), _digest(tmp_path / "v")
     assert d1 == d2 and len(d1) == 8
     assert d1 != v
+
+
+@pytest.mark.integration
+def test_one_pool_serves_several_jobs_with_the_same_bytes(digits_bank, ray_session, tmp_path):
+    """A run's SamplerPool renders vanilla, then DAP, then vanilla again on the same actors (the model is
+    loaded once); each job's images are byte-identical to a pool started for that job alone, also after
+    an actor is killed between jobs (restarted from its first job, it switches to the current one)."""
+    import ray
+
+    from dap_ray.sampling import SamplerPool
+
+    bank, _, ds = digits_bank
+    recipe = DAPGuidanceRecipe(bank.path, bank.spec, tuple(ds.classes), "2", "linear", 20.0, 0, "tokens")
+    base = SamplerJob(model={"type": "dit", "path": None}, classes=tuple(ds.classes), out_dir="", seed=0,
+                      steps=10, cfg_scale=2.0, eta=0.0, dtype="fp32", guidance=None)
+
+    def job(name: str, guidance=None) -> SamplerJob:
+        return SamplerJob(**{**base.__dict__, "out_dir": str(tmp_path / name), "guidance": guidance})
+
+    items = work_items("x", 2, 4, 2)
+    run_pool(job("ref_v"), items, num_actors=1, progress=False)
+    run_pool(job("ref_d", recipe), items, num_actors=1, progress=False)
+    with SamplerPool(num_actors=1) as pool:
+        rows = pool.run(job("v"), items, progress=False)
+        actors = list(pool.actors)
+        pool.run(job("d", recipe), items, progress=False)
+        assert pool.actors == actors and len(actors) == 1  # the same actor rendered both jobs
+        ray.kill(actors[0], no_restart=False)  # restarted with its first job (vanilla) as constructor argument
+        pool.run(job("d_after_kill", recipe), items, progress=False)
+        pool.run(job("v_after_kill"), items, progress=False)
+    assert pool.actors == []
+    ref_v, ref_d = _digest(tmp_path / "ref_v"), _digest(tmp_path / "ref_d")
+    assert len(ref_v) == 8 and ref_v != ref_d
+    assert _digest(tmp_path / "v") == _digest(tmp_path / "v_after_kill") == ref_v
+    assert _digest(tmp_path / "d") == _digest(tmp_path / "d_after_kill") == ref_d
+    assert sorted((r["class"], r["index"]) for r in rows) == sorted((c.key, i) for c in ds.classes[:2] for i in range(4))

@@ -23,9 +23,19 @@ class RunContext:
     progress: bool = True
     extra: dict = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable inputs (path, reason) in <run>/skipped.csv
+    sampler_pool: Any | None = None  # dap_ray.sampling.SamplerPool shared by the run's sampler methods (None: one per method)
 
     def method_dir(self, name: str) -> str:
         return f"{self.run_dir.rstrip('/')}/{name}"
+
+    def render(self, job: Any, items: list, desc: str) -> list[dict]:
+        """Render a sampler job's work items on the run's sampler pool (or a pool for this call alone)."""
+        from dap_ray.sampling import run_pool
+
+        if self.sampler_pool is not None:
+            return self.sampler_pool.run(job, items, self.progress, desc)
+        r = self.cfg.runtime
+        return run_pool(job, items, int(r.sampler_actors), float(r.gpus_per_actor), float(r.cpus_per_actor), self.progress, desc)
 
     def report_skipped(self, rows: Iterable[tuple[str, str]]) -> None:
         """Add unreadable inputs a method passed over to the run's bad-file report: `skipped`, and
@@ -47,6 +57,9 @@ class Method:
     name: str = ""
     uses_bank: bool = False  # needs the real-feature bank (DAP)
     uses_model: bool = True  # needs the diffusion model
+    # runs Ray work of its own besides the sampler pool (D3HR's inversion): the run's idle sampler
+    # actors are stopped first, or on a small machine their CPUs would starve that work
+    own_ray_stage: bool = False
 
     def run(self, ctx: RunContext) -> list[dict]:
         """Produce IPC images per class under ctx.method_dir(self.name); return manifest rows."""

@@ -437,6 +437,7 @@ def inversion_spec(cfg: Any, backbone) -> InversionSpec:
 
 class D3HR(Method):
     name = "d3hr"
+    own_ray_stage = True  # the inversion's actor pool and the group-selection tasks
 
     def run(self, ctx: RunContext) -> list[dict]:
         from dap_ray.methods.dap import run_sampler_method

@@ -11,7 +11,7 @@ from dap_ray.backbones import pool_features
 from dap_ray.config import guidance_layer
 from dap_ray.guidance import class_energy
 from dap_ray.methods.base import Method, RunContext
-from dap_ray.sampling import SamplerJob, run_pool, work_items
+from dap_ray.sampling import SamplerJob, work_items
 
 
 class DAPGuidance:
@@ -84,8 +84,7 @@ def run_sampler_method(ctx: RunContext, name: str, guidance=None, start=None) ->
     cfg = ctx.cfg
     job = sampler_job(ctx, name, guidance, start)
     items = work_items(name, len(ctx.dataset.classes), int(cfg.ipc), int(cfg.sampler.batch_size))
-    r = cfg.runtime
-    return run_pool(job, items, int(r.sampler_actors), float(r.gpus_per_actor), float(r.cpus_per_actor), ctx.progress, desc=f"sampling {name}")
+    return ctx.render(job, items, desc=f"sampling {name}")
 
 
 class Vanilla(Method):

@@ -203,10 +203,9 @@ class Diver(Method):
     def run(self, ctx: RunContext) -> list[dict]:
         from dap_ray.config import guidance_layer
         from dap_ray.methods.dap import sampler_job
-        from dap_ray.sampling import run_pool
 
         cfg, backbone = ctx.cfg, ctx.backbone_info
-        m, r = cfg.method, cfg.runtime
+        m = cfg.method
         folder = source_dir(ctx)
         if m.diver_source is None and not _exists(folder):
             raise UserError("method.diver_source is null, so diver refines this run's random_real set, but "
@@ -227,8 +226,7 @@ class Diver(Method):
         bs = int(cfg.sampler.batch_size)
         items = [WorkItem(self.name, c.index, s, min(s + bs, len(sources[c.index])))
                  for c in ctx.dataset.classes for s in range(0, len(sources[c.index]), bs)]
-        rows = run_pool(job, items, int(r.sampler_actors), float(r.gpus_per_actor), float(r.cpus_per_actor), ctx.progress,
-                        desc=f"sampling {self.name}")
+        rows = ctx.render(job, items, desc=f"sampling {self.name}")
         for row in rows:  # provenance: which source image each refined image comes from
             row["source"] = sources[row["label"]][row["index"]]
         return rows
