@@ -115,7 +115,7 @@ def _expand(path: str) -> str:
 def run(cfg_raw: Any) -> int:
     from dap_ray.data import write_skipped_csv
     from dap_ray.methods import RunContext, get_method
-    from dap_ray.runtime import check_storage, init_ray
+    from dap_ray.runtime import check_storage, init_ray, resolve_actor_counts
 
     t_start = time.time()
     cfg, dataset, backbone = prepare(cfg_raw)
@@ -132,6 +132,8 @@ def run(cfg_raw: Any) -> int:
     log.info("run directory: %s", run_dir)
     log.info("dataset: %s, %d classes, %d train / %d test images", dataset.name, len(dataset.classes), len(dataset.train), len(dataset.test))
     ray_info = init_ray(cfg.runtime)
+    resolve_actor_counts(cfg.runtime)
+    ray_info = {**ray_info, "bank_actors": int(cfg.runtime.bank_actors), "sampler_actors": int(cfg.runtime.sampler_actors)}
     log.info("ray: %s", ray_info)
     timings: dict[str, float] = {}
 

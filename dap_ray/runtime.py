@@ -137,6 +137,29 @@ def _current_gcs_address() -> str | None:
         return None
 
 
+MAX_AUTO_ACTORS = 4  # each model actor holds its own copy of the model (GBs for DiT-XL/2 or SD on CPU)
+
+
+def actor_count(requested: int | None, gpus_per_actor: float, cpus_per_actor: float) -> int:
+    """How many model actors (runtime.bank_actors / sampler_actors): the configured number, or for
+    null as many as the running cluster holds — one per `gpus_per_actor` GPUs for GPU actors, else
+    one per `cpus_per_actor` CPUs — at least 1 and at most MAX_AUTO_ACTORS. (An autoscaling cluster
+    counts what it has now; set the number to use nodes it has yet to add.)"""
+    if requested is not None:
+        return int(requested)
+    import ray
+
+    res = ray.cluster_resources()
+    fit = res.get("GPU", 0.0) / gpus_per_actor if gpus_per_actor > 0 else res.get("CPU", 1.0) / cpus_per_actor
+    return max(1, min(MAX_AUTO_ACTORS, int(fit + 1e-9)))
+
+
+def resolve_actor_counts(runtime: Any) -> None:
+    """Fill runtime.bank_actors and runtime.sampler_actors in place (after init_ray) when they are null."""
+    for key in ("bank_actors", "sampler_actors"):
+        runtime[key] = actor_count(runtime[key], float(runtime.gpus_per_actor), float(runtime.cpus_per_actor))
+
+
 def init_ray(runtime: Any | None = None, *, quiet: bool = True) -> dict:
     """Initialise Ray once per process; returns a short, credential-free description of the cluster:
     {"mode": "attached" | "local" | "already-initialized", "gcs_address": ..., "python": the driver's

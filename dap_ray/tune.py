@@ -296,6 +296,7 @@ def build_banks(cfg: Any, dims: Sequence[Dim], backbone: Any, dataset: DatasetSp
     per value combination.
     """
     from dap_ray.bank import build_bank, make_spec
+    from dap_ray.runtime import actor_count
 
     by_key = {d.key: d for d in dims}
     if "method.layer" in by_key:
@@ -313,7 +314,8 @@ def build_banks(cfg: Any, dims: Sequence[Dim], backbone: Any, dataset: DatasetSp
             c.method.kernel = "rbf"
         spec = make_spec(c, backbone, layers)
         r = cfg.runtime
-        bank = build_bank(spec, dataset, cache_dir, num_actors=int(r.bank_actors), gpus_per_actor=float(r.gpus_per_actor),
+        bank = build_bank(spec, dataset, cache_dir, num_actors=actor_count(r.bank_actors, float(r.gpus_per_actor), float(r.cpus_per_actor)),
+                          gpus_per_actor=float(r.gpus_per_actor),
                           cpus_per_actor=float(r.cpus_per_actor))
         log.info("bank %s: %s (%d images, layers %s, %s)", bank_id(combo), bank.path, bank.meta["images"], ",".join(layers),
                  "reused" if bank.meta.get("reused") else "built")
@@ -806,7 +808,7 @@ def run(cfg_raw: Any) -> int:
     from dap_ray.backbones import load_backbone
     from dap_ray.data import resolve_dataset
     from dap_ray.eval.run import load_images
-    from dap_ray.runtime import check_storage, init_ray
+    from dap_ray.runtime import check_storage, init_ray, resolve_actor_counts
 
     t_start = time.time()
     cfg = to_structured(cfg_raw, TuneConfig)
@@ -849,6 +851,7 @@ def run(cfg_raw: Any) -> int:
              full.name, len(full.classes), len(sweep_ds.train), len(val_recs), len(full.test))
 
     ray_info = init_ray(cfg.runtime)
+    resolve_actor_counts(cfg.runtime)
     log.info("ray: %s", ray_info)
     t0 = time.time()
     banks = build_banks(cfg, dims, backbone, sweep_ds, _expand(cfg.cache_dir))

@@ -40,6 +40,10 @@ def test_default_is_the_embedded_default():
     assert cfg.dataset.name == "digits" and cfg.model.name == "digits_dit" and cfg.ipc == 10
     assert list(cfg.methods) == ["random_real", "vanilla", "dap"]
     assert OmegaConf.get_type(cfg) is DistillConfig
+    assert cfg.runtime.bank_actors is None and cfg.runtime.sampler_actors is None  # auto (runtime.actor_count)
+    validate(cfg)
+    gpu = to_structured(compose("distill", ["runtime=gpu"]))
+    assert gpu.runtime.bank_actors == gpu.runtime.sampler_actors == 4
 
 
 @pytest.mark.parametrize(
@@ -152,3 +156,19 @@ def test_missing_dataset_root_is_exit_2(tmp_path, capsys):
 def test_user_error_class_hierarchy():
     assert issubclass(ConfigError, UserError) and UserError.exit_code == 2
     assert Path(CONFIG_DIR, "distill.yaml").is_file()
+
+
+def test_auto_actor_counts_follow_the_cluster(ray_session):
+    """null actor counts: as many as the running Ray's CPUs (or GPUs) hold, at least 1, at most 4."""
+    from dap_ray.runtime import MAX_AUTO_ACTORS, actor_count, resolve_actor_counts
+
+    cpus = int(ray_session.cluster_resources()["CPU"])
+    gpus = ray_session.cluster_resources().get("GPU", 0.0)
+    assert actor_count(3, 0.0, 1.0) == 3  # an explicit number is kept, whatever the cluster
+    assert actor_count(None, 0.0, 1.0) == max(1, min(MAX_AUTO_ACTORS, cpus))
+    assert actor_count(None, 0.0, 0.5) == max(1, min(MAX_AUTO_ACTORS, 2 * cpus))
+    assert actor_count(None, 0.0, 64.0) == 1  # never 0, even when one actor's CPUs exceed the cluster
+    assert actor_count(None, 1.0, 1.0) == max(1, min(MAX_AUTO_ACTORS, int(gpus)))
+    cfg = to_structured(compose("distill", ["runtime.sampler_actors=2"]))
+    resolve_actor_counts(cfg.runtime)
+    assert cfg.runtime.sampler_actors == 2 and cfg.runtime.bank_actors == max(1, min(MAX_AUTO_ACTORS, cpus))

@@ -30,12 +30,14 @@ class RunContext:
 
     def render(self, job: Any, items: list, desc: str) -> list[dict]:
         """Render a sampler job's work items on the run's sampler pool (or a pool for this call alone)."""
+        from dap_ray.runtime import actor_count
         from dap_ray.sampling import run_pool
 
         if self.sampler_pool is not None:
             return self.sampler_pool.run(job, items, self.progress, desc)
         r = self.cfg.runtime
-        return run_pool(job, items, int(r.sampler_actors), float(r.gpus_per_actor), float(r.cpus_per_actor), self.progress, desc)
+        n = actor_count(r.sampler_actors, float(r.gpus_per_actor), float(r.cpus_per_actor))
+        return run_pool(job, items, n, float(r.gpus_per_actor), float(r.cpus_per_actor), self.progress, desc)
 
     def report_skipped(self, rows: Iterable[tuple[str, str]]) -> None:
         """Add unreadable inputs a method passed over to the run's bad-file report: `skipped`, and

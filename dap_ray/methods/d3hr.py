@@ -61,6 +61,7 @@ from dap_ray.config import config_hash
 from dap_ray.data.types import ClassInfo, DatasetSplits
 from dap_ray.errors import ConfigError, UserError
 from dap_ray.methods.base import Method, RunContext
+from dap_ray.runtime import actor_count
 from dap_ray.sampling import final_alpha, schedule, seed_for
 
 log = logging.getLogger(__name__)
@@ -452,7 +453,8 @@ class D3HR(Method):
         if start_t not in schedule(backbone, int(cfg.sampler.steps)):
             log.warning("d3hr: inversion ends at t=%d, not a step of the %d-step sampler; generation starts at the next "
                         "lower step (set method.d3hr_inversion_steps = sampler.steps for an exact round trip)", start_t, cfg.sampler.steps)
-        inv = invert_dataset(spec, ctx.dataset, _expand(str(cfg.cache_dir)), num_actors=int(r.bank_actors),
+        inv = invert_dataset(spec, ctx.dataset, _expand(str(cfg.cache_dir)),
+                             num_actors=actor_count(r.bank_actors, float(r.gpus_per_actor), float(r.cpus_per_actor)),
                              gpus_per_actor=float(r.gpus_per_actor), cpus_per_actor=float(r.cpus_per_actor), progress=ctx.progress)
         log.info("d3hr: class statistics in %s (%d reused, %d computed)", inv.path, len(inv.reused), len(inv.computed))
         ctx.report_skipped(inv.skipped)  # the run's skipped.csv (already there when the bank skipped them too)
