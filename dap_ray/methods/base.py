@@ -1,7 +1,8 @@
 """The method interface: every distillation method fills <run>/<method>/images/<class>/<index>.png.
 
 The distill run, the evaluation and Tune treat methods alike through `Method.run(ctx)`; sampler-based
-methods share the actor pool (dap_ray.sampling.run_pool) and differ only in their guidance recipe.
+methods share the sampler actors (dap_ray.sampling.SamplerPool, one per run) and differ only in their
+guidance recipe and start latents.
 """
 
 from __future__ import annotations
