@@ -102,13 +102,14 @@ def make_pipeline(bb):
     return pipe
 
 
-def get_bank(cfg, bb, ds, cache_dir: str, per_class: int | None, actors: int):
+def get_bank(cfg, bb, ds, cache_dir: str, per_class: int | None):
     """The default run's bank (reused from cache_dir when it is there), or one over a per-class subset."""
     import ray
 
     from dap_ray.bank import build_bank, make_spec
     from dap_ray.config import guidance_layer
     from dap_ray.data.types import DatasetSplits
+    from dap_ray.runtime import actor_count
 
     data = ds if per_class is None else DatasetSplits(ds.name, ds.root, ds.classes, subset_per_class(ds.train, per_class), [])
     spec = make_spec(cfg, bb, [guidance_layer(cfg)])
@@ -118,6 +119,8 @@ def get_bank(cfg, bb, ds, cache_dir: str, per_class: int | None, actors: int):
     quiet_ray_data()
     try:
         t0 = time.perf_counter()
+        r = cfg.runtime  # the default run's actor count (null: auto, from the Ray running now)
+        actors = actor_count(r.bank_actors, float(r.gpus_per_actor), float(r.cpus_per_actor))
         bank = build_bank(spec, data, cache_dir, num_actors=actors, progress=False)
         return bank, time.perf_counter() - t0
     finally:
@@ -152,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache_dir = args.cache_dir or os.path.expanduser(str(cfg.cache_dir))
     bank_per_class = args.bank_per_class if args.bank_per_class is not None else (1 if quick else None)
     bb, ds, _ = digits_setup(args.model, cache_dir)
-    bank, bank_s = get_bank(cfg, bb, ds, cache_dir, bank_per_class, int(cfg.runtime.bank_actors))
+    bank, bank_s = get_bank(cfg, bb, ds, cache_dir, bank_per_class)
     m = cfg.method
     layer = guidance_layer(cfg)
     guidance = DAPGuidance(bank, layer, str(m.kernel), float(m.gamma), int(m.t_stop), str(m.pooling))
