@@ -123,9 +123,10 @@ def run(cfg_raw: Any) -> int:
         check_storage(_expand(cfg[key]), key)
     run_dir = _expand(cfg.out_dir)
     methods = [get_method(m) for m in cfg.methods]
-    if "sample" in cfg.stages:  # refuse a changed config now: before the bank, before config.yaml is overwritten
-        for m in methods:
-            _check_method_dir(run_dir, m.name, method_hash(cfg, m.name, dataset.classes))
+    # once per method: DIVER's hash lists its source folder (a remote listing on S3)
+    hashes = {m.name: method_hash(cfg, m.name, dataset.classes) for m in methods} if "sample" in cfg.stages else {}
+    for name, h in hashes.items():  # refuse a changed config now: before the bank, before config.yaml is overwritten
+        _check_method_dir(run_dir, name, h)
     fs, rp = fsspec.core.url_to_fs(run_dir)
     fs.makedirs(rp, exist_ok=True)
     fs.pipe_file(f"{rp}/config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
@@ -166,7 +167,7 @@ def run(cfg_raw: Any) -> int:
                 if m.uses_bank and bank is None:
                     raise UserError(f"method {m.name} needs the bank stage (stages={list(cfg.stages)})")
                 t0 = time.time()
-                h = method_hash(cfg, m.name, dataset.classes)
+                h = hashes[m.name]
                 _check_method_dir(run_dir, m.name, h)
                 if m.own_ray_stage:
                     ctx.sampler_pool.close()  # restarted on its next use
