@@ -137,27 +137,80 @@ def _current_gcs_address() -> str | None:
         return None
 
 
-MAX_AUTO_ACTORS = 4  # each model actor holds its own copy of the model (GBs for DiT-XL/2 or SD on CPU)
+MAX_AUTO_ACTORS = 4  # CPU model actors: each holds its own copy of the model (GBs for DiT-XL/2 or SD on CPU)
 
 
-def actor_count(requested: int | None, gpus_per_actor: float, cpus_per_actor: float) -> int:
-    """How many model actors (runtime.bank_actors / sampler_actors): the configured number, or for
-    null as many as the running cluster holds — one per `gpus_per_actor` GPUs for GPU actors, else
-    one per `cpus_per_actor` CPUs — at least 1 and at most MAX_AUTO_ACTORS. (An autoscaling cluster
-    counts what it has now; set the number to use nodes it has yet to add.)"""
-    if requested is not None:
-        return int(requested)
+def actor_need(gpus_per_actor: float, cpus_per_actor: float) -> dict[str, float]:
+    """The resources one model actor asks Ray for, e.g. {"CPU": 2.0, "GPU": 1.0} (zeros left out)."""
+    return {k: float(v) for k, v in (("CPU", cpus_per_actor), ("GPU", gpus_per_actor)) if float(v) > 0}
+
+
+def actors_that_fit(need: Mapping[str, float], nodes: list[dict] | None = None) -> int:
+    """How many actors that each need `need` the cluster's alive nodes can hold at once, counted node by
+    node (an actor lives on one node: two nodes with 1 GPU each hold two 1-GPU actors, not one 2-GPU actor).
+    `nodes` defaults to `ray.nodes()`; tests pass their own."""
+    if nodes is None:
+        import ray
+
+        nodes = ray.nodes()
+    total = 0
+    for node in nodes:
+        if not node.get("Alive", False):
+            continue
+        res = node.get("Resources", {})
+        total += min((int(res.get(k, 0.0) / v + 1e-9) for k, v in need.items()), default=MAX_AUTO_ACTORS)
+    return total
+
+
+def _largest_node(need: Mapping[str, float], nodes: list[dict]) -> str:
+    have = [{k: float(n.get("Resources", {}).get(k, 0.0)) for k in need} for n in nodes if n.get("Alive", False)]
+    best = max(have, key=lambda r: sum(r.values()), default={k: 0.0 for k in need})
+    return ", ".join(f"{k}={v:g}" for k, v in best.items())
+
+
+def actor_count(requested: int | None, gpus_per_actor: float, cpus_per_actor: float, key: str = "runtime.sampler_actors",
+                wait_s: float = 0.0) -> int:
+    """How many model actors a pool gets (runtime.bank_actors / sampler_actors), so that every one of
+    them can be placed: a pool never hands work to an actor that waits forever for resources.
+
+    null: as many as the cluster's alive nodes hold, node by node — one per `gpus_per_actor` GPUs for
+    GPU actors (all the GPUs the cluster has), else one per `cpus_per_actor` CPUs, at most
+    MAX_AUTO_ACTORS. A number larger than what fits shrinks to what fits (with a warning). When not
+    even one actor fits, a UserError names the missing resources. `wait_s` > 0 (runtime.wait_for_nodes_s)
+    first waits that long, saying so, for an autoscaling cluster to add the nodes the pool asks for."""
+    import time
+
     import ray
 
-    res = ray.cluster_resources()
-    fit = res.get("GPU", 0.0) / gpus_per_actor if gpus_per_actor > 0 else res.get("CPU", 1.0) / cpus_per_actor
-    return max(1, min(MAX_AUTO_ACTORS, int(fit + 1e-9)))
+    need = actor_need(gpus_per_actor, cpus_per_actor)
+    want = 1 if requested is None else int(requested)
+    deadline = time.monotonic() + float(wait_s)
+    nodes = ray.nodes()
+    fit = actors_that_fit(need, nodes)
+    while fit < want and time.monotonic() < deadline:
+        log.warning("%s: %d actor(s) of %s fit on the cluster now, %d wanted; waiting up to %.0fs more for nodes",
+                    key, fit, need, want, deadline - time.monotonic())
+        time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))
+        nodes = ray.nodes()
+        fit = actors_that_fit(need, nodes)
+    if fit == 0:
+        raise UserError(f"{key}: one actor needs {', '.join(f'{k}={v:g}' for k, v in need.items())} on one node, and no "
+                        f"node of the Ray cluster has that (largest: {_largest_node(need, nodes)}); lower runtime.gpus_per_actor "
+                        "/ runtime.cpus_per_actor, add nodes, or set runtime.wait_for_nodes_s for an autoscaling cluster")
+    if requested is None:
+        return fit if "GPU" in need else min(MAX_AUTO_ACTORS, fit)
+    if want > fit:
+        log.warning("%s=%d: only %d actor(s) of %s fit on the cluster; using %d", key, want, fit, need, fit)
+        return fit
+    return want
 
 
 def resolve_actor_counts(runtime: Any) -> None:
-    """Fill runtime.bank_actors and runtime.sampler_actors in place (after init_ray) when they are null."""
+    """Fill runtime.bank_actors and runtime.sampler_actors in place (after init_ray): null becomes the
+    number that fits the cluster, a number larger than what fits shrinks (see `actor_count`)."""
     for key in ("bank_actors", "sampler_actors"):
-        runtime[key] = actor_count(runtime[key], float(runtime.gpus_per_actor), float(runtime.cpus_per_actor))
+        runtime[key] = actor_count(runtime[key], float(runtime.gpus_per_actor), float(runtime.cpus_per_actor),
+                                   f"runtime.{key}", float(runtime.get("wait_for_nodes_s", 0.0) or 0.0))
 
 
 def init_ray(runtime: Any | None = None, *, quiet: bool = True) -> dict:

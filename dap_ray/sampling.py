@@ -326,6 +326,10 @@ class SamplerPool:
         if self._key is not None and self._key != model_key(job):
             self.close()  # another model: these actors cannot render it
         self._key = model_key(job)
+        if not self.actors:  # never more actors than the cluster can place: the others would wait forever
+            from dap_ray.runtime import actor_count
+
+            self.num_actors = actor_count(self.num_actors, self.gpus_per_actor, self.cpus_per_actor, "runtime.sampler_actors")
         Actor = ray.remote(SamplerWorker).options(num_cpus=self.cpus_per_actor, num_gpus=self.gpus_per_actor,
                                                   max_restarts=-1, max_task_retries=-1)
         job_ref = ray.put(job)

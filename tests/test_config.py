@@ -43,7 +43,7 @@ def test_default_is_the_embedded_default():
     assert cfg.runtime.bank_actors is None and cfg.runtime.sampler_actors is None  # auto (runtime.actor_count)
     validate(cfg)
     gpu = to_structured(compose("distill", ["runtime=gpu"]))
-    assert gpu.runtime.bank_actors == gpu.runtime.sampler_actors == 4
+    assert gpu.runtime.bank_actors is None and gpu.runtime.sampler_actors is None  # one per GPU the cluster has
 
 
 @pytest.mark.parametrize(
@@ -159,16 +159,32 @@ def test_user_error_class_hierarchy():
 
 
 def test_auto_actor_counts_follow_the_cluster(ray_session):
-    """null actor counts: as many as the running Ray's CPUs (or GPUs) hold, at least 1, at most 4."""
+    """null actor counts: as many as the running Ray's nodes hold (CPU actors at most 4); a number
+    larger than what fits shrinks; an actor that fits nowhere is a UserError naming the resource."""
     from dap_ray.runtime import MAX_AUTO_ACTORS, actor_count, resolve_actor_counts
 
     cpus = int(ray_session.cluster_resources()["CPU"])
-    gpus = ray_session.cluster_resources().get("GPU", 0.0)
-    assert actor_count(3, 0.0, 1.0) == 3  # an explicit number is kept, whatever the cluster
-    assert actor_count(None, 0.0, 1.0) == max(1, min(MAX_AUTO_ACTORS, cpus))
-    assert actor_count(None, 0.0, 0.5) == max(1, min(MAX_AUTO_ACTORS, 2 * cpus))
-    assert actor_count(None, 0.0, 64.0) == 1  # never 0, even when one actor's CPUs exceed the cluster
-    assert actor_count(None, 1.0, 1.0) == max(1, min(MAX_AUTO_ACTORS, int(gpus)))
-    cfg = to_structured(compose("distill", ["runtime.sampler_actors=2"]))
+    assert actor_count(1, 0.0, 1.0) == 1  # an explicit number that fits is kept
+    assert actor_count(cpus + 3, 0.0, 1.0) == cpus  # more than fit: shrinks to what fits
+    assert actor_count(None, 0.0, 1.0) == min(MAX_AUTO_ACTORS, cpus)
+    assert actor_count(None, 0.0, 0.5) == min(MAX_AUTO_ACTORS, 2 * cpus)
+    with pytest.raises(UserError, match=r"runtime.bank_actors: one actor needs CPU=64 .*largest: CPU=2"):
+        actor_count(None, 0.0, 64.0, "runtime.bank_actors")
+    if not ray_session.cluster_resources().get("GPU"):
+        with pytest.raises(UserError, match=r"runtime.sampler_actors: one actor needs CPU=1, GPU=1 .*GPU=0"):
+            actor_count(2, 1.0, 1.0)
+    cfg = to_structured(compose("distill", ["runtime.sampler_actors=1"]))
     resolve_actor_counts(cfg.runtime)
-    assert cfg.runtime.sampler_actors == 2 and cfg.runtime.bank_actors == max(1, min(MAX_AUTO_ACTORS, cpus))
+    assert cfg.runtime.sampler_actors == 1 and cfg.runtime.bank_actors == min(MAX_AUTO_ACTORS, cpus)
+
+
+def test_actors_fit_node_by_node():
+    """Two 1-GPU nodes hold two 1-GPU actors but no 2-GPU actor; dead nodes hold nothing."""
+    from dap_ray.runtime import actors_that_fit
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}}, {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}},
+             {"Alive": False, "Resources": {"CPU": 8.0, "GPU": 4.0}}, {"Alive": True, "Resources": {"CPU": 4.0}}]
+    assert actors_that_fit({"CPU": 2.0, "GPU": 1.0}, nodes) == 2
+    assert actors_that_fit({"CPU": 2.0, "GPU": 2.0}, nodes) == 0
+    assert actors_that_fit({"CPU": 2.0, "GPU": 0.5}, nodes) == 4
+    assert actors_that_fit({"CPU": 2.0}, nodes) == 10

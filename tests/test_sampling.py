@@ -188,3 +188,22 @@ def test_one_pool_serves_several_jobs_with_the_same_bytes(digits_bank, ray_sessi
     assert _digest(tmp_path / "v") == _digest(tmp_path / "v_after_kill") == ref_v
     assert _digest(tmp_path / "d") == _digest(tmp_path / "d_after_kill") == ref_d
     assert sorted((r["class"], r["index"]) for r in rows) == sorted((c.key, i) for c in ds.classes[:2] for i in range(4))
+
+
+@pytest.mark.integration
+def test_pool_shrinks_to_what_fits_and_names_missing_resources(tiny_dit_dir, ray_session, tmp_path):
+    """A pool never waits on actors the cluster cannot place: 5 one-CPU actors on a 2-CPU Ray become 2
+    (same bytes as 1 actor), and one-GPU actors on a cluster without GPUs are a UserError naming GPU."""
+    from dap_ray.errors import UserError
+    from dap_ray.sampling import SamplerPool
+
+    cpus = int(ray_session.cluster_resources()["CPU"])
+    items = work_items("vanilla", 2, 4, 1)  # 8 items: enough to want 5 actors
+    run_pool(_job(tiny_dit_dir, tmp_path / "one"), items, num_actors=1, progress=False)
+    with SamplerPool(num_actors=5, cpus_per_actor=1.0) as pool:
+        pool.run(_job(tiny_dit_dir, tmp_path / "five"), items, progress=False)
+        assert len(pool.actors) == min(5, cpus)
+    assert _digest(tmp_path / "five") == _digest(tmp_path / "one")
+    if not ray_session.cluster_resources().get("GPU"):
+        with pytest.raises(UserError, match="GPU=1"), SamplerPool(num_actors=1, gpus_per_actor=1.0) as pool:
+            pool.run(_job(tiny_dit_dir, tmp_path / "gpu"), items, progress=False)

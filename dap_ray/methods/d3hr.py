@@ -454,7 +454,7 @@ class D3HR(Method):
             log.warning("d3hr: inversion ends at t=%d, not a step of the %d-step sampler; generation starts at the next "
                         "lower step (set method.d3hr_inversion_steps = sampler.steps for an exact round trip)", start_t, cfg.sampler.steps)
         inv = invert_dataset(spec, ctx.dataset, _expand(str(cfg.cache_dir)),
-                             num_actors=actor_count(r.bank_actors, float(r.gpus_per_actor), float(r.cpus_per_actor)),
+                             num_actors=actor_count(r.bank_actors, float(r.gpus_per_actor), float(r.cpus_per_actor), "runtime.bank_actors"),
                              gpus_per_actor=float(r.gpus_per_actor), cpus_per_actor=float(r.cpus_per_actor), progress=ctx.progress)
         log.info("d3hr: class statistics in %s (%d reused, %d computed)", inv.path, len(inv.reused), len(inv.computed))
         ctx.report_skipped(inv.skipped)  # the run's skipped.csv (already there when the bank skipped them too)
