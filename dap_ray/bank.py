@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,6 +39,7 @@ from dap_ray.data.types import ClassInfo, DatasetSplits, ImageRecord
 from dap_ray.errors import UserError
 from dap_ray.guidance import RandomFourierFeatures
 from dap_ray.sampling import seed_for
+from dap_ray.storage import write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -311,18 +311,6 @@ class Bank:
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_bytes(fs, path: str, data: bytes) -> None:
-    """Write atomically where the filesystem can (local: temp + rename); S3 puts are atomic already."""
-    if fs.protocol in ("file", "local") or "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, path)
-    else:
-        with fs.open(path, "wb") as f:
-            f.write(data)
-
-
 def _table_bytes(table: pa.Table) -> bytes:
     """Parquet bytes: zstd for the id/path/label columns; the float features stored plain, because
     zstd saved ~2% on them for most of the driver's write time."""
@@ -395,7 +383,7 @@ def build_bank(
         return bank
     fs, root = fsspec.core.url_to_fs(path)
     fs.makedirs(root, exist_ok=True)
-    _write_bytes(fs, f"{root}/spec.json", json.dumps(asdict(spec), indent=1, default=str).encode())
+    write_bytes(fs, f"{root}/spec.json", json.dumps(asdict(spec), indent=1, default=str).encode())
 
     # Resume: shards committed by an earlier (killed) build.
     acc = StatsAccumulator(len(dataset.classes), spec)
@@ -439,11 +427,11 @@ def build_bank(
             for layer, table in _shard_tables(rows, spec, keep).items():
                 if table.num_rows:
                     fs.makedirs(f"{root}/layer={layer}", exist_ok=True)
-                    _write_bytes(fs, f"{root}/layer={layer}/part-{next_shard:05d}.parquet", _table_bytes(table))
-            _write_bytes(fs, f"{root}/part-{next_shard:05d}.stats.safetensors", part.to_bytes())
+                    write_bytes(fs, f"{root}/layer={layer}/part-{next_shard:05d}.parquet", _table_bytes(table))
+            write_bytes(fs, f"{root}/part-{next_shard:05d}.stats.safetensors", part.to_bytes())
             # The marker last: a shard without it is ignored (and overwritten) by a resumed build.
             info = {"shard": next_shard, "ids": [str(i) for i in rows["id"]], "skipped": bad}
-            _write_bytes(fs, f"{root}/part-{next_shard:05d}.done.json", json.dumps(info).encode())
+            write_bytes(fs, f"{root}/part-{next_shard:05d}.done.json", json.dumps(info).encode())
             acc.merge(part)
             skipped.extend(bad)
             next_shard += 1
@@ -484,9 +472,9 @@ def build_bank(
         "timesteps": list(spec.timesteps),
         "layers": list(spec.layers),
     }
-    _write_bytes(fs, f"{root}/stats.safetensors", acc.to_bytes())
-    _write_bytes(fs, f"{root}/meta.json", json.dumps(meta, indent=1).encode())
-    _write_bytes(fs, f"{root}/{COMMIT}", b"ok\n")
+    write_bytes(fs, f"{root}/stats.safetensors", acc.to_bytes())
+    write_bytes(fs, f"{root}/meta.json", json.dumps(meta, indent=1).encode())
+    write_bytes(fs, f"{root}/{COMMIT}", b"ok\n")
     meta["reused"] = False
     return Bank(path, spec, list(dataset.classes), acc, sorted(skipped), meta)
 
@@ -496,7 +484,6 @@ def make_spec(cfg: Any, backbone, layers: Sequence[str]) -> BankSpec:
     from omegaconf import OmegaConf
 
     from dap_ray.backbones import model_fingerprint
-    from dap_ray.sampling import schedule
 
     model = OmegaConf.to_container(cfg.model, resolve=True)
     rff = None
@@ -506,7 +493,7 @@ def make_spec(cfg: Any, backbone, layers: Sequence[str]) -> BankSpec:
         model=model,
         model_fingerprint=model_fingerprint(model),
         layers=tuple(str(x) for x in layers),
-        timesteps=tuple(schedule(backbone, int(cfg.sampler.steps))),
+        timesteps=tuple(ddim.schedule(backbone, int(cfg.sampler.steps))),
         pooling=str(cfg.method.pooling),
         seed=int(cfg.bank.seed),
         resolution=int(backbone.resolution),

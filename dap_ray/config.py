@@ -20,6 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dap_ray.errors import ConfigError, UserError
+from dap_ray.registry import AUGMENT_OPS, AUGMENT_PRESETS, METHODS, NETS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 if not CONFIG_DIR.is_dir():  # installed (non-editable) package: configs ship inside it
@@ -194,12 +195,10 @@ def _choice(key: str, value: object, allowed: tuple[str, ...] | list[str]) -> No
 
 def validate(cfg: Any) -> None:
     """Range checks that need no model. Raises ConfigError naming the key, value and allowed range."""
-    from dap_ray.methods import list_methods  # late: methods import the sampler
-
     _check(cfg.ipc >= 1, "ipc", cfg.ipc, "an integer >= 1")
     _check(len(cfg.methods) >= 1, "methods", list(cfg.methods), "a non-empty list")
     for m in cfg.methods:
-        _choice("methods", m, list_methods())
+        _choice("methods", m, METHODS)
     for s in cfg.stages:
         _choice("stages", s, STAGES)
     _choice("dataset.name", cfg.dataset.name, DATASETS)
@@ -245,20 +244,16 @@ def validate(cfg: Any) -> None:
     _check(e.lr is None or e.lr > 0, "eval.lr", e.lr, "null or a number > 0")
     _check(e.eval_every is None or e.eval_every >= 1, "eval.eval_every", e.eval_every, "null or an integer >= 1")
     if e.augment is not None:
-        from dap_ray.eval.augment import OPS, PRESETS
-
         ops = [o for o in str(e.augment).split("+") if o]
-        _check(e.augment in PRESETS or (ops and all(o in OPS for o in ops)), "eval.augment", e.augment,
-               f"a preset ({', '.join(PRESETS)}) or '+'-joined ops from {', '.join(OPS)}")
+        _check(e.augment in AUGMENT_PRESETS or (ops and all(o in AUGMENT_OPS for o in ops)), "eval.augment", e.augment,
+               f"a preset ({', '.join(AUGMENT_PRESETS)}) or '+'-joined ops from {', '.join(AUGMENT_OPS)}")
     _check(e.teacher_epochs >= 1, "eval.teacher_epochs", e.teacher_epochs, "an integer >= 1")
     _check(e.temperature is None or e.temperature > 0, "eval.temperature", e.temperature, "null or a number > 0")
     _check(e.max_test is None or e.max_test >= 1, "eval.max_test", e.max_test, "null or an integer >= 1")
     if e.archs:
-        from dap_ray.eval.nets import list_nets
-
         for a in e.archs:
-            _choice("eval.archs", a, list_nets())
-        _choice("eval.teacher_arch", e.teacher_arch, list_nets())
+            _choice("eval.archs", a, NETS)
+        _choice("eval.teacher_arch", e.teacher_arch, NETS)
     r = cfg.runtime
     _check(r.num_cpus is None or r.num_cpus >= 1, "runtime.num_cpus", r.num_cpus, "null (all of this machine's) or an integer >= 1")
     for key in ("sampler_actors", "bank_actors"):

@@ -1,9 +1,11 @@
 """DDIM as pure functions on tensors (Song et al. 2021): schedule, one step, one inversion step.
 
-No model, no Ray, no I/O: the sampler, D3HR's inversion and DIVER's refinement all call these.
+No model code, no Ray, no I/O (`schedule`/`final_alpha` only read a backbone's scheduler config): the sampler, D3HR's inversion and DIVER's refinement all call these.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -67,3 +69,15 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar_t: float | torch.
 def alpha_bar(alphas_cumprod: torch.Tensor, t: int, final_alpha: float = 1.0) -> float:
     """ᾱ_t, with ᾱ at t < 0 (after the last step) = final_alpha (diffusers' set_alpha_to_one)."""
     return float(alphas_cumprod[t]) if t >= 0 else final_alpha
+
+
+def schedule(backbone: Any, steps: int) -> list[int]:
+    """The sampler's descending timesteps for a backbone (anything with ``num_train_timesteps`` and a
+    diffusers ``scheduler_config`` dict), spaced as its DDIMScheduler would space them."""
+    cfg = backbone.scheduler_config
+    return ddim_timesteps(backbone.num_train_timesteps, steps, cfg.get("timestep_spacing", "leading"), int(cfg.get("steps_offset", 0)))
+
+
+def final_alpha(backbone: Any) -> float:
+    """ᾱ after the last step: 1 when the scheduler sets alpha to one (diffusers' default), else ᾱ_0."""
+    return 1.0 if backbone.scheduler_config.get("set_alpha_to_one", True) else float(backbone.alphas_cumprod[0])

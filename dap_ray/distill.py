@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from dap_ray.cli import run_main
 from dap_ray.config import config_hash, guidance_layer, to_structured, validate, validate_against_backbone
 from dap_ray.errors import UserError
+from dap_ray.storage import expand, write_bytes
 
 if TYPE_CHECKING:
     from dap_ray.data.types import ClassInfo
@@ -40,8 +41,8 @@ def method_hash(cfg: Any, method: str, classes: Sequence[ClassInfo]) -> str:
         parts["knobs"] = cfg.method
         parts["bank"] = {"seed": cfg.bank.seed}
     if method == "diver" and cfg.method.diver_source is not None and str(cfg.method.diver_source).strip():
+        from dap_ray.data import distilled_records
         from dap_ray.data.images import record_versions
-        from dap_ray.eval.run import distilled_records
 
         # null (this run's random_real set) needs nothing more: that set follows from this config
         parts["diver_source_files"] = config_hash({"rows": record_versions(distilled_records(str(cfg.method.diver_source), classes))})
@@ -58,10 +59,8 @@ def _check_method_dir(run_dir: str, method: str, h: str) -> None:
                 "use another out_dir or delete that folder"
             )
     else:
-        from dap_ray.bank import _write_bytes
-
         fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-        _write_bytes(fs, p, (h + "\n").encode())  # atomic: a kill mid-write must not leave an empty hash
+        write_bytes(fs, p, (h + "\n").encode())  # atomic: a kill mid-write must not leave an empty hash
 
 
 def write_manifest(run_dir: str, method: str, rows: list[dict], h: str) -> str:
@@ -96,7 +95,7 @@ def prepare(cfg_raw: Any) -> tuple[Any, Any, Any]:
     ds = cfg.dataset
     dataset = resolve_dataset(ds.name, ds.root, OmegaConf.to_container(ds.classes) if OmegaConf.is_config(ds.classes) else ds.classes,
                               train_dir=ds.train_dir, test_dir=ds.test_dir, test_fraction=ds.test_fraction, seed=ds.split_seed,
-                              cache_dir=_expand(cfg.cache_dir))
+                              cache_dir=expand(cfg.cache_dir))
     needs_model = any(m != "random_real" for m in cfg.methods)
     backbone = None
     if needs_model or True:  # the driver copy is CPU-only and gives schedule, shapes, layer names
@@ -104,12 +103,6 @@ def prepare(cfg_raw: Any) -> tuple[Any, Any, Any]:
         validate_against_backbone(cfg, backbone)
         backbone.bind_classes(dataset.classes)
     return cfg, dataset, backbone
-
-
-def _expand(path: str) -> str:
-    import os
-
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 def run(cfg_raw: Any) -> int:
@@ -120,8 +113,8 @@ def run(cfg_raw: Any) -> int:
     t_start = time.time()
     cfg, dataset, backbone = prepare(cfg_raw)
     for key in ("out_dir", "cache_dir"):  # a missing s3:// bucket: exit 2 now, not a new bucket
-        check_storage(_expand(cfg[key]), key)
-    run_dir = _expand(cfg.out_dir)
+        check_storage(expand(cfg[key]), key)
+    run_dir = expand(cfg.out_dir)
     methods = [get_method(m) for m in cfg.methods]
     # once per method: DIVER's hash lists its source folder (a remote listing on S3)
     hashes = {m.name: method_hash(cfg, m.name, dataset.classes) for m in methods} if "sample" in cfg.stages else {}
@@ -146,7 +139,7 @@ def run(cfg_raw: Any) -> int:
         t0 = time.time()
         layers = [guidance_layer(cfg)] + [str(x) for x in (cfg.bank.layers or []) if str(x) != guidance_layer(cfg)]
         spec = make_spec(cfg, backbone, layers)
-        bank = build_bank(spec, dataset, _expand(cfg.cache_dir), num_actors=int(cfg.runtime.bank_actors),
+        bank = build_bank(spec, dataset, expand(cfg.cache_dir), num_actors=int(cfg.runtime.bank_actors),
                           gpus_per_actor=float(cfg.runtime.gpus_per_actor), cpus_per_actor=float(cfg.runtime.cpus_per_actor))
         timings["bank"] = time.time() - t0
         log.info("bank: %s (%d images, %s, %d skipped)", bank.path, bank.meta["images"], "reused" if bank.meta.get("reused") else f"{bank.meta.get('images_per_second')} img/s", len(bank.skipped))

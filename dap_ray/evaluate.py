@@ -18,14 +18,14 @@ from omegaconf import OmegaConf
 from dap_ray.cli import run_main
 from dap_ray.config import EvaluateConfig, to_structured, validate
 from dap_ray.errors import ConfigError, UserError
+from dap_ray.storage import expand
 
 log = logging.getLogger("dap_ray.evaluate")
 
 
 def run(cfg_raw: Any) -> int:
-    from dap_ray.data import resolve_dataset
-    from dap_ray.distill import _expand
-    from dap_ray.eval.run import distilled_records, evaluate_sets
+    from dap_ray.data import distilled_records, resolve_dataset
+    from dap_ray.eval.run import evaluate_sets
     from dap_ray.report import write_report
     from dap_ray.runtime import init_ray
 
@@ -42,7 +42,7 @@ def run(cfg_raw: Any) -> int:
     ds = cfg.dataset
     dataset = resolve_dataset(ds.name, ds.root, OmegaConf.to_container(ds.classes) if OmegaConf.is_config(ds.classes) else ds.classes,
                               train_dir=ds.train_dir, test_dir=ds.test_dir, test_fraction=ds.test_fraction, seed=ds.split_seed,
-                              cache_dir=_expand(cfg.cache_dir))
+                              cache_dir=expand(cfg.cache_dir))
     full = distilled_records(cfg.data, dataset.classes)
     if not full:
         raise UserError(f"no images under {cfg.data}/<class>/ for classes {[c.key for c in dataset.classes][:5]}...")
@@ -52,9 +52,9 @@ def run(cfg_raw: Any) -> int:
     sets = {}
     for k in cfg.subsample or [None]:
         sets[cfg.name if k is None else f"{cfg.name}@ipc{k}"] = distilled_records(cfg.data, dataset.classes, k)
-    run_dir = _expand(cfg.out_dir)
+    run_dir = expand(cfg.out_dir)
     init_ray(cfg.runtime)
-    rows = evaluate_sets(cfg, dataset, sets, f"{run_dir}/eval", _expand(cfg.cache_dir))
+    rows = evaluate_sets(cfg, dataset, sets, f"{run_dir}/eval", expand(cfg.cache_dir))
     results: dict[str, Any] = {"rows": rows, "classes": list(dataset.classes)}
     if cfg.metrics:
         try:

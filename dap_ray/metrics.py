@@ -13,12 +13,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from dap_ray import ddim
+from dap_ray.data import load_images
 from dap_ray.data.types import DatasetSplits, ImageRecord
 
 
 def backbone_features(backbone, records: Sequence[ImageRecord], layer: str, t: int, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
     from dap_ray.bank import BankSpec, featurize
-    from dap_ray.eval.run import load_images
 
     spec = BankSpec(model={}, model_fingerprint="", layers=(layer,), timesteps=(t,), pooling="mean", seed=0, resolution=backbone.resolution)
     feats, labels = [], []
@@ -57,10 +58,9 @@ def diversity(feats: np.ndarray, labels: np.ndarray) -> float:
 def representativeness(cfg: Any, dataset: DatasetSplits, sets: dict[str, list[ImageRecord]], backbone, run_dir: str,
                        real_per_class: int = 100, tsne: bool = True) -> dict:
     from dap_ray.config import guidance_layer
-    from dap_ray.sampling import schedule
 
     layer = guidance_layer(cfg)
-    t = schedule(backbone, int(cfg.sampler.steps))[-1]
+    t = ddim.schedule(backbone, int(cfg.sampler.steps))[-1]
     rng = np.random.default_rng(0)
     real_recs = []
     for c in dataset.classes:

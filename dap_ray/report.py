@@ -11,6 +11,8 @@ import fsspec
 import numpy as np
 from omegaconf import OmegaConf
 
+from dap_ray.data import distilled_records, read_bytes
+
 
 def summarize(rows: Sequence[dict]) -> dict[tuple[str, str], dict]:
     """(method, arch) -> {mean, std, n, failed, accs}; accuracy in %, std over seeds (ddof=0 as the papers)."""
@@ -95,8 +97,6 @@ def plot_grid(folder: str, method: str, classes: Sequence[Any], path: str, per_c
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dap_ray.eval.run import distilled_records
-
     recs = distilled_records(folder, classes, per_class)
     if not recs:
         return
@@ -106,8 +106,6 @@ def plot_grid(folder: str, method: str, classes: Sequence[Any], path: str, per_c
     for r in recs:
         by_class.setdefault(r.label, []).append(r)
     from PIL import Image
-
-    from dap_ray.data import read_bytes
 
     for i, c in enumerate(classes[:rows]):
         for j in range(per_class):

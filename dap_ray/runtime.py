@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dap_ray.errors import ConfigError, UserError
+from dap_ray.storage import filesystem
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +267,6 @@ def check_storage(url: str, key: str) -> None:
     """
     if not str(url).startswith(("s3://", "s3a://")):
         return
-    from dap_ray.data.images import filesystem
-
     fs, path = filesystem(url)
     bucket = path.split("/", 1)[0]
     try:

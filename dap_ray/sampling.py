@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 
 from dap_ray import ddim
+from dap_ray.ddim import final_alpha, schedule
 from dap_ray.guidance import energy_gradient, guided_eps
 
 log = logging.getLogger(__name__)
@@ -44,15 +45,6 @@ def initial_noise(shape: Sequence[int], *seed_parts: object) -> torch.Tensor:
     """One image's starting noise (C,h,w), from its own generator (CPU, so identical on any device)."""
     g = torch.Generator().manual_seed(seed_for(*seed_parts))
     return torch.randn(tuple(shape), generator=g)
-
-
-def schedule(backbone, steps: int) -> list[int]:
-    cfg = backbone.scheduler_config
-    return ddim.ddim_timesteps(backbone.num_train_timesteps, steps, cfg.get("timestep_spacing", "leading"), int(cfg.get("steps_offset", 0)))
-
-
-def final_alpha(backbone) -> float:
-    return 1.0 if backbone.scheduler_config.get("set_alpha_to_one", True) else float(backbone.alphas_cumprod[0])
 
 
 @dataclass

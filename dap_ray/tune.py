@@ -443,7 +443,7 @@ def _trial_dirname(trial: Any) -> str:
 
 
 def _expand(path: str) -> str:
-    from dap_ray.distill import _expand as expand
+    from dap_ray.storage import expand
 
     return expand(path)
 

@@ -158,7 +158,7 @@ def test_resume_after_partial_build(setup, ray_session, tmp_path, monkeypatch):
     monkeypatch.setattr(bank_mod, "SHARD_IMAGES", 4)
     crash_dir = tmp_path / "crash"
     calls = {"n": 0}
-    real_write = bank_mod._write_bytes
+    real_write = bank_mod.write_bytes
 
     def crashing_write(fs, path, data):
         if path.endswith(".done.json"):
@@ -167,10 +167,10 @@ def test_resume_after_partial_build(setup, ray_session, tmp_path, monkeypatch):
                 raise KeyboardInterrupt("simulated driver kill")
         return real_write(fs, path, data)
 
-    monkeypatch.setattr(bank_mod, "_write_bytes", crashing_write)
+    monkeypatch.setattr(bank_mod, "write_bytes", crashing_write)
     with pytest.raises(KeyboardInterrupt):
         build_bank(spec, ds, str(crash_dir), num_actors=1, progress=False)
-    monkeypatch.setattr(bank_mod, "_write_bytes", real_write)
+    monkeypatch.setattr(bank_mod, "write_bytes", real_write)
     markers = list(crash_dir.rglob("part-*.done.json"))
     assert len(markers) == 2
     done_before = {i for m in markers for i in json.loads(m.read_text())["ids"]}

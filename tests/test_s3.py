@@ -172,9 +172,8 @@ def test_dataset_fingerprint_follows_s3_object_content(s3_env):
     keys the cached feature bank (and D3HR's inversion); with nothing changed it is stable. The
     version (size + ETag) comes from the listing; a distilled set on S3 (DIVER's source) gets it too."""
     from dap_ray.bank import dataset_fingerprint
-    from dap_ray.data import resolve_dataset
+    from dap_ray.data import distilled_records, resolve_dataset
     from dap_ray.data.images import record_versions
-    from dap_ray.eval.run import distilled_records
 
     fs = _s3fs()
     bucket = f"dap-ray-fingerprint-{secrets.token_hex(3)}"

@@ -8,6 +8,7 @@ guidance gradient cheap: backward runs through blocks 0..ℓ only.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -69,6 +70,25 @@ def resolve_model_dir(path: str | None, default: Path | None = None) -> Path:
             snap = snaps[-1]
         p = snap
     return p
+
+
+def read_json(path: Path) -> dict:
+    """A model directory's JSON file; a broken one is a user error naming the file, not a traceback."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a valid JSON file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def load_scheduler(root: Path) -> Any:
+    """The DDIMScheduler of a diffusers model directory (DiT and SD alike)."""
+    from diffusers import DDIMScheduler  # deferred: importing diffusers costs seconds
+
+    sched_dir = root / "scheduler"
+    if not (sched_dir / "scheduler_config.json").is_file():
+        raise UserError(f"{root}: missing scheduler/scheduler_config.json")
+    # Any DDPM-family scheduler config gives the same betas; DDIM is what we sample with.
+    return DDIMScheduler.from_config(read_json(sched_dir / "scheduler_config.json"))
 
 
 def check_safetensors(component_dir: Path, what: str) -> None:

@@ -8,7 +8,6 @@ Layers are the transformer blocks, named "0".."depth-1"; a block outputs (B, tok
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,27 +15,11 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
 from torch import nn
 
-from dap_ray.backbones.base import Backbone, load_checked, resolve_model_dir
+from dap_ray.backbones.base import Backbone, load_checked, load_scheduler, read_json, resolve_model_dir
 from dap_ray.data.types import ClassInfo
 from dap_ray.errors import UserError
 
 DIGITS_DIT_DIR = Path(__file__).resolve().parent.parent / "zoo" / "digits_dit"
-
-
-def _read_json(path: Path) -> dict:
-    """A model directory's JSON file; a broken one is a user error naming the file, not a traceback."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a valid JSON file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-
-
-def _load_scheduler(root: Path) -> DDIMScheduler:
-    sched_dir = root / "scheduler"
-    if not (sched_dir / "scheduler_config.json").is_file():
-        raise UserError(f"{root}: missing scheduler/scheduler_config.json")
-    # Any DDPM-family scheduler config gives the same betas; DDIM is what we sample with.
-    return DDIMScheduler.from_config(_read_json(sched_dir / "scheduler_config.json"))
 
 
 def _to(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -106,11 +89,11 @@ class DiTBackbone(Backbone):
                 )
         model_classes = None
         if (root / "classes.json").is_file():
-            spec = _read_json(root / "classes.json")
+            spec = read_json(root / "classes.json")
             model_classes = spec.get("classes") if isinstance(spec, dict) else None
             if not isinstance(model_classes, list):
                 raise UserError(f"{root / 'classes.json'}: expected {{\"classes\": [class names]}}")
-        return cls(transformer, _load_scheduler(root), vae, latent_scale, model_classes, name, device, dtype)
+        return cls(transformer, load_scheduler(root), vae, latent_scale, model_classes, name, device, dtype)
 
     def bind_classes(self, classes: Sequence[ClassInfo]) -> None:
         """Dataset label -> model class id: by key for a model that names its classes (the digits DiT),

@@ -26,7 +26,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import nn
 
-from dap_ray.backbones.base import Backbone, load_checked, resolve_model_dir
+from dap_ray.backbones.base import Backbone, load_checked, load_scheduler, resolve_model_dir
 from dap_ray.data.types import ClassInfo
 from dap_ray.errors import ConfigError, UserError
 
@@ -132,8 +132,6 @@ class SDBackbone(Backbone):
         except ImportError:
             raise UserError("model.type=sd needs the `transformers` package (CLIP text encoder): pip install transformers") from None
 
-        from dap_ray.backbones.dit import _load_scheduler
-
         if path is None:
             raise UserError(f"model.path is required for model={name}: a local diffusers Stable Diffusion pipeline directory "
                             "(unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a Hugging Face cache dir (models--org--name)")
@@ -159,7 +157,7 @@ class SDBackbone(Backbone):
                 f"{root}: U-Net cross_attention_dim={unet.config.cross_attention_dim} but the text encoder's hidden size is "
                 f"{text_encoder.config.hidden_size}"
             )
-        return cls(unet, vae, text_encoder, tokenizer, _load_scheduler(root), latent_scale, prompt_template, name, device, dtype)
+        return cls(unet, vae, text_encoder, tokenizer, load_scheduler(root), latent_scale, prompt_template, name, device, dtype)
 
     # -- prompts -----------------------------------------------------------------------------
     @torch.no_grad()

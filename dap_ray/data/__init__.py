@@ -11,13 +11,14 @@ from dap_ray.data.classlists import (
     get_imagenet_lemmas,
     get_imagenet_name,
 )
-from dap_ray.data.digits import resolve_digits
-from dap_ray.data.imagefolder import IMAGE_EXTENSIONS, resolve_imagefolder
+from dap_ray.data.digits import DIGIT_NAMES, materialize_digits
+from dap_ray.data.imagefolder import IMAGE_EXTENSIONS, distilled_records, resolve_imagefolder
 from dap_ray.data.images import (
     MAX_PIXELS,
     BadImageError,
     decode_image,
     load_image,
+    load_images,
     read_bytes,
     read_skipped_csv,
     write_skipped_csv,
@@ -26,6 +27,12 @@ from dap_ray.data.types import ClassInfo, DatasetSplits, ImageRecord
 from dap_ray.errors import ConfigError
 
 DATASETS: tuple[str, ...] = ("digits", "imagefolder")
+
+
+def resolve_digits(classes: str | Sequence[str] | None = None, *, cache_dir: str | None = None) -> DatasetSplits:
+    """Digits as DatasetSplits (keys "0".."9", names "zero".."nine"), optionally a class subset."""
+    tree = materialize_digits(cache_dir)
+    return resolve_imagefolder(tree, classes, train_dir="train", test_dir="test", name="digits", class_names=DIGIT_NAMES)
 
 
 def resolve_dataset(
@@ -70,14 +77,17 @@ __all__ = [
     "MAX_PIXELS",
     "PRESETS",
     "decode_image",
+    "distilled_records",
     "get_class_list",
     "get_imagenet_index",
     "get_imagenet_lemmas",
     "get_imagenet_name",
     "load_image",
+    "load_images",
     "read_bytes",
     "read_skipped_csv",
     "resolve_dataset",
+    "resolve_digits",
     "resolve_imagefolder",
     "write_skipped_csv",
 ]

@@ -2,7 +2,7 @@
 
 It is materialised once as grayscale PNGs under
 ``<cache_dir>/datasets/digits-v1/{train,test}/<digit>/<sklearn index>.png`` and then resolved like
-any ImageFolder, so everything downstream has one code path. The split is fixed: stratified, 20 %
+any ImageFolder (``dap_ray.data.resolve_digits``), so everything downstream has one code path. The split is fixed: stratified, 20 %
 test, ``random_state=0``. Pixel values 0..16 are scaled to 0..255 (``round(v * 255 / 16)``).
 """
 
@@ -13,12 +13,9 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
 
 import numpy as np
 
-from dap_ray.data.imagefolder import resolve_imagefolder
-from dap_ray.data.types import DatasetSplits
 from dap_ray.errors import UserError
 
 VERSION = "digits-v1"  # bump when the tree's content or layout changes
@@ -110,13 +107,3 @@ def _remove_stale_temps(base: str, max_age_s: float = 3600.0) -> None:
                     shutil.rmtree(entry.path, ignore_errors=True)
             except OSError:
                 pass
-
-
-def resolve_digits(
-    classes: str | Sequence[str] | None = None, *, cache_dir: str | None = None
-) -> DatasetSplits:
-    """Digits as DatasetSplits (keys "0".."9", names "zero".."nine"), optionally a class subset."""
-    tree = materialize_digits(cache_dir)
-    return resolve_imagefolder(
-        tree, classes, train_dir="train", test_dir="test", name="digits", class_names=DIGIT_NAMES
-    )

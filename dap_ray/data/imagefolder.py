@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 
 from dap_ray.data.classlists import PRESETS, get_class_list, get_imagenet_name, is_imagenet_wnid
-from dap_ray.data.images import filesystem, is_local, listing_version
+from dap_ray.data.images import listing_version
 from dap_ray.data.types import ClassInfo, DatasetSplits, ImageRecord
 from dap_ray.errors import ConfigError, UserError
+from dap_ray.storage import filesystem, is_local
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -272,3 +273,22 @@ def resolve_imagefolder(
     else:
         train, test = carve_split(records, infos, float(test_fraction), seed)
     return DatasetSplits(name=name, root=uri(base), classes=infos, train=train, test=test)
+
+
+def distilled_records(folder: str, classes: Sequence[Any], ipc: int | None = None) -> list[ImageRecord]:
+    """Records of an ImageFolder of distilled images (<folder>/<class key>/*.png|jpg), sorted by name;
+    the first `ipc` per class when subsampling (IPC 100 -> 50 -> 10 from one set). Remote records carry
+    the content version of their listing entry (size + ETag), as the dataset's do."""
+    fs, root = filesystem(folder)
+    proto = "" if "://" not in folder else folder.split("://", 1)[0] + "://"
+    recs = []
+    for c in classes:
+        d = f"{root.rstrip('/')}/{c.key}"
+        fs.invalidate_cache(d)  # list what the store holds now, not an earlier listing of this process
+        entries = fs.ls(d, detail=True) if fs.exists(d) else []
+        files = sorted((e["name"], listing_version(e) if proto else "") for e in entries if is_image_file(e["name"]))
+        if ipc is not None:
+            files = files[:ipc]
+        recs += [ImageRecord(f"{c.key}/{f.rsplit('/', 1)[-1]}", proto + f if proto and not f.startswith(proto) else f, c.index, v)
+                 for f, v in files]
+    return recs

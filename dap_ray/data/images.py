@@ -29,14 +29,16 @@ import os
 import struct
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import fsspec
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from dap_ray.data.digits import VERSION as DIGITS_VERSION
+from dap_ray.data.digits import materialize_digits
 from dap_ray.data.types import ImageRecord
+from dap_ray.storage import filesystem, is_local
 
 # Generous: a 16k x 12k photo passes. PIL's own check warns above MAX_IMAGE_PIXELS and raises above
 # twice that; we raise the threshold to ours and do the check ourselves so the reason is clear.
@@ -50,31 +52,6 @@ class BadImageError(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
-
-
-def storage_options_for(path: str, storage_options: dict | None = None) -> dict:
-    """fsspec options for ``path``: for S3, take the endpoint from the environment if not given.
-
-    Recent botocore reads ``AWS_ENDPOINT_URL`` itself; passing it explicitly also covers older
-    versions and s3fs' own client construction.
-    """
-    opts = dict(storage_options or {})
-    if path.startswith(("s3://", "s3a://")):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        client_kwargs = dict(opts.get("client_kwargs") or {})
-        if endpoint and "endpoint_url" not in opts and "endpoint_url" not in client_kwargs:
-            opts["endpoint_url"] = endpoint
-    return opts
-
-
-def filesystem(path: str, storage_options: dict | None = None) -> tuple[Any, str]:
-    """(fsspec filesystem, path without protocol) for a local path or URI."""
-    return fsspec.core.url_to_fs(path, **storage_options_for(path, storage_options))
-
-
-def is_local(fs: Any) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
 
 
 def listing_version(info: Mapping[str, Any]) -> str:
@@ -118,14 +95,25 @@ def read_bytes(path: str) -> bytes:
         with fs.open(p, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        marker = "/datasets/digits-v1/"  # dap_ray.data.digits.VERSION
+        marker = f"/datasets/{DIGITS_VERSION}/"
         if "://" in path or marker not in path:
             raise
-        from dap_ray.data.digits import materialize_digits
-
         materialize_digits(path.split(marker, 1)[0])
         with fs.open(p, "rb") as f:
             return f.read()
+
+
+def load_images(paths: Sequence[str], resolution: int) -> tuple[np.ndarray, list[int]]:
+    """Decode `paths` at `resolution`; returns uint8 (N,R,R,3) and the indices that decoded."""
+    out, ok = [], []
+    for i, p in enumerate(paths):
+        try:
+            out.append(decode_image(read_bytes(p), resolution))
+            ok.append(i)
+        except BadImageError:
+            continue
+    arr = np.stack(out) if out else np.zeros((0, resolution, resolution, 3), np.uint8)
+    return arr, ok
 
 
 def _short(exc: BaseException) -> str:

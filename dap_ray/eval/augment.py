@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dap_ray.errors import ConfigError
+from dap_ray.registry import AUGMENT_OPS, AUGMENT_PRESETS
 
 #: ImageNet PCA lighting constants (MMX/IDC ``data.py``, from fb.resnet.torch).
 _EIGVAL = (0.2175, 0.0188, 0.0045)
@@ -44,13 +45,9 @@ _EIGVEC = (
 )
 
 #: Named augmentation pipelines (``TrainConfig.augment``); a custom one is ``"rrc+flip"`` etc.
-PRESETS: dict[str, tuple[str, ...]] = {
-    "idc": ("rrc", "flip", "jitter", "lighting"),  # IDC/MMX ImageNet train transform (hard label)
-    "rded": ("shuffle", "rrc", "flip"),  # RDED validation/main.py (soft label)
-    "rrc_flip": ("rrc", "flip"),  # D3HR / plain
-    "none": (),
-}
-OPS = ("shuffle", "rrc", "flip", "jitter", "lighting")
+#: Defined in dap_ray.registry so that config validates them without importing this module.
+PRESETS = AUGMENT_PRESETS
+OPS = AUGMENT_OPS
 MIXES = ("cutmix", "mixup", "none")
 
 

@@ -17,23 +17,11 @@ import fsspec
 import numpy as np
 import torch
 
-from dap_ray.data import BadImageError, decode_image, read_bytes
+from dap_ray.data import distilled_records, load_images, read_bytes
 from dap_ray.data.types import DatasetSplits, ImageRecord
+from dap_ray.storage import expand, filesystem, write_bytes
 
 log = logging.getLogger(__name__)
-
-
-def load_images(paths: Sequence[str], resolution: int) -> tuple[np.ndarray, list[int]]:
-    """Decode `paths` at `resolution`; returns uint8 (N,R,R,3) and the indices that decoded."""
-    out, ok = [], []
-    for i, p in enumerate(paths):
-        try:
-            out.append(decode_image(read_bytes(p), resolution))
-            ok.append(i)
-        except BadImageError:
-            continue
-    arr = np.stack(out) if out else np.zeros((0, resolution, resolution, 3), np.uint8)
-    return arr, ok
 
 
 def to_float(images: np.ndarray) -> torch.Tensor:
@@ -48,28 +36,6 @@ def load_split(records: Sequence[ImageRecord], resolution: int, limit: int | Non
         recs = [recs[i] for i in sorted(rng.choice(len(recs), limit, replace=False))]
     imgs, ok = load_images([r.path for r in recs], resolution)
     return to_float(imgs), torch.tensor([recs[i].label for i in ok], dtype=torch.long)
-
-
-def distilled_records(folder: str, classes: Sequence[Any], ipc: int | None = None) -> list[ImageRecord]:
-    """Records of an ImageFolder of distilled images (<folder>/<class key>/*.png|jpg), sorted by name;
-    the first `ipc` per class when subsampling (IPC 100 -> 50 -> 10 from one set). Remote records carry
-    the content version of their listing entry (size + ETag), as the dataset's do."""
-    from dap_ray.data.imagefolder import is_image_file
-    from dap_ray.data.images import listing_version
-
-    fs, root = fsspec.core.url_to_fs(folder)
-    proto = "" if "://" not in folder else folder.split("://", 1)[0] + "://"
-    recs = []
-    for c in classes:
-        d = f"{root.rstrip('/')}/{c.key}"
-        fs.invalidate_cache(d)  # list what the store holds now, not an earlier listing of this process
-        entries = fs.ls(d, detail=True) if fs.exists(d) else []
-        files = sorted((e["name"], listing_version(e) if proto else "") for e in entries if is_image_file(e["name"]))
-        if ipc is not None:
-            files = files[:ipc]
-        recs += [ImageRecord(f"{c.key}/{f.rsplit('/', 1)[-1]}", proto + f if proto and not f.startswith(proto) else f, c.index, v)
-                 for f, v in files]
-    return recs
 
 
 def train_config(cfg: Any, ipc: int, nclass: int, arch: str):
@@ -141,9 +107,8 @@ def get_teacher(cfg: Any, dataset: DatasetSplits, x_real: torch.Tensor, y_real: 
     The cache goes through fsspec like every other path, so cache_dir may be an s3:// URI."""
     from safetensors.torch import save as st_save
 
-    from dap_ray.bank import _write_bytes, dataset_fingerprint
+    from dap_ray.bank import dataset_fingerprint
     from dap_ray.config import config_hash
-    from dap_ray.data.images import filesystem
     from dap_ray.eval.train import TrainConfig, train_teacher
 
     key = config_hash({"data": dataset_fingerprint(dataset), "arch": cfg.eval.teacher_arch, "epochs": cfg.eval.teacher_epochs, "res": cfg.eval.resolution})
@@ -153,7 +118,7 @@ def get_teacher(cfg: Any, dataset: DatasetSplits, x_real: torch.Tensor, y_real: 
         log.info("training the %s teacher on %d real images (cached at %s)", cfg.eval.teacher_arch, len(x_real), path)
         model = train_teacher(x_real, y_real, cfg.eval.teacher_arch, TrainConfig.teacher(epochs=int(cfg.eval.teacher_epochs)), seed=0)
         fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-        _write_bytes(fs, p, st_save({k: v.contiguous() for k, v in model.state_dict().items()}))  # local: temp + rename
+        write_bytes(fs, p, st_save({k: v.contiguous() for k, v in model.state_dict().items()}))  # local: temp + rename
     return TeacherRef(cfg.eval.teacher_arch, len(dataset.classes), int(cfg.eval.resolution), path)
 
 
@@ -178,8 +143,6 @@ def evaluate_sets(
     """Train every (set, arch, seed) as a Ray task; returns one row per training (failed ones marked)."""
     import ray
     from tqdm.auto import tqdm
-
-    from dap_ray.bank import _write_bytes
 
     res = int(cfg.eval.resolution)
     x_test, y_test = load_split(dataset.test, res, cfg.eval.max_test)
@@ -225,7 +188,7 @@ def evaluate_sets(
             out = ray.get(done[0])
             row = {**base, "status": "ok", "acc": float(out["acc"]), "seconds": out.get("seconds"),
                    "history": [[int(e), float(a)] for e, a in out.get("history", [])]}
-            _write_bytes(fs, fname, json.dumps(row).encode())  # temp + rename: a killed driver leaves no half file
+            write_bytes(fs, fname, json.dumps(row).encode())  # temp + rename: a killed driver leaves no half file
         except Exception as e:  # noqa: BLE001 - reported in the table, never silently dropped
             row = {**base, "status": "failed", "acc": None, "error": _error_line(e)}
             log.error("evaluation %s/%s/seed %s failed after retries: %s", base["method"], base["arch"], base["seed"], row["error"])
@@ -237,10 +200,8 @@ def evaluate_sets(
 
 def evaluate_run(cfg: Any, dataset: DatasetSplits, run_dir: str, methods: Sequence[str], bank=None, backbone=None) -> dict:
     """Evaluate each method's images of this run; also the representativeness metric and t-SNE."""
-    from dap_ray.distill import _expand
-
     sets = {m: distilled_records(f"{run_dir}/{m}/images", dataset.classes) for m in methods}
-    rows = evaluate_sets(cfg, dataset, sets, f"{run_dir}/eval", _expand(cfg.cache_dir))
+    rows = evaluate_sets(cfg, dataset, sets, f"{run_dir}/eval", expand(cfg.cache_dir))
     out: dict[str, Any] = {"rows": rows, "classes": list(dataset.classes)}
     if backbone is not None:
         from dap_ray.metrics import representativeness

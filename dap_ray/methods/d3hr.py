@@ -59,10 +59,12 @@ from safetensors.torch import save as st_save
 from dap_ray import ddim
 from dap_ray.config import config_hash
 from dap_ray.data.types import ClassInfo, DatasetSplits
+from dap_ray.ddim import final_alpha, schedule
 from dap_ray.errors import ConfigError, UserError
 from dap_ray.methods.base import Method, RunContext
 from dap_ray.runtime import actor_count
-from dap_ray.sampling import final_alpha, schedule, seed_for
+from dap_ray.sampling import seed_for
+from dap_ray.storage import expand
 
 log = logging.getLogger(__name__)
 
@@ -413,10 +415,6 @@ class D3HRStart:
         return x, self.start_t
 
 
-def _expand(path: str) -> str:
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
 def inversion_spec(cfg: Any, backbone) -> InversionSpec:
     from omegaconf import OmegaConf
 
@@ -453,7 +451,7 @@ class D3HR(Method):
         if start_t not in schedule(backbone, int(cfg.sampler.steps)):
             log.warning("d3hr: inversion ends at t=%d, not a step of the %d-step sampler; generation starts at the next "
                         "lower step (set method.d3hr_inversion_steps = sampler.steps for an exact round trip)", start_t, cfg.sampler.steps)
-        inv = invert_dataset(spec, ctx.dataset, _expand(str(cfg.cache_dir)),
+        inv = invert_dataset(spec, ctx.dataset, expand(str(cfg.cache_dir)),
                              num_actors=actor_count(r.bank_actors, float(r.gpus_per_actor), float(r.cpus_per_actor), "runtime.bank_actors"),
                              gpus_per_actor=float(r.gpus_per_actor), cpus_per_actor=float(r.cpus_per_actor), progress=ctx.progress)
         log.info("d3hr: class statistics in %s (%d reused, %d computed)", inv.path, len(inv.reused), len(inv.computed))

@@ -49,10 +49,12 @@ import torch
 
 from dap_ray import ddim
 from dap_ray.backbones import pool_features
+from dap_ray.data import BadImageError, distilled_records, load_image
 from dap_ray.data.types import ClassInfo
+from dap_ray.ddim import schedule
 from dap_ray.errors import UserError
 from dap_ray.methods.base import Method, RunContext
-from dap_ray.sampling import WorkItem, initial_noise, schedule
+from dap_ray.sampling import WorkItem, initial_noise
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,6 @@ def start_timestep(backbone, steps: int, start_t: int) -> int:
 
 
 def _load(paths: Sequence[str], resolution: int) -> np.ndarray:
-    from dap_ray.data import load_image
-
     return np.stack([load_image(p, resolution) for p in paths])  # (B,R,R,3) uint8
 
 
@@ -171,9 +171,6 @@ def list_sources(folder: str, classes: Sequence[ClassInfo], ipc: int, resolution
     Unreadable files are passed over (logged), like random_real does; a class with none is an error.
     """
     import fsspec
-
-    from dap_ray.data import BadImageError, load_image
-    from dap_ray.eval.run import distilled_records
 
     fs, root = fsspec.core.url_to_fs(folder)
     if not fs.exists(root) or not fs.isdir(root):
