@@ -33,7 +33,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from dap_ray import ddim
-from dap_ray.config import config_hash
+from dap_ray.config import config_hash, resolve_dtype
 from dap_ray.data import BadImageError, decode_image, read_bytes
 from dap_ray.data.types import ClassInfo, DatasetSplits, ImageRecord
 from dap_ray.errors import UserError
@@ -61,6 +61,7 @@ class BankSpec:
     rff: dict | None = None  # {"num_features", "sigma", "seed"} when the RBF kernel is used
     max_per_class: int | None = None  # per-sample rows kept per class (statistics always use all)
     batch_size: int = field(default=64, compare=False)
+    dtype: str = "fp32"  # the backbone's precision (sampler.dtype, resolved): bf16 features differ from fp32 ones
 
     def key(self, dataset_fingerprint: str) -> str:
         d = asdict(self)
@@ -149,11 +150,11 @@ class BankFeaturizer:
     """Stateful Ray Data UDF: holds the backbone once per actor; one batch of images in, features out."""
 
     def __init__(self, spec: BankSpec, classes: Sequence[ClassInfo], device: str | None = None):
-        from dap_ray.backbones import load_backbone
+        from dap_ray.backbones import load_backbone, torch_dtype
 
         self.spec = spec
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.backbone = load_backbone(spec.model, self.device)
+        self.backbone = load_backbone(spec.model, self.device, torch_dtype(spec.dtype, self.device))
         self.backbone.bind_classes(classes)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -500,4 +501,5 @@ def make_spec(cfg: Any, backbone, layers: Sequence[str]) -> BankSpec:
         rff=rff,
         max_per_class=cfg.bank.max_per_class,
         batch_size=int(cfg.bank.batch_size),
+        dtype=resolve_dtype(cfg),  # the bank runs in the sampler's precision, resolved once on the driver
     )

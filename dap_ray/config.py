@@ -32,7 +32,7 @@ KERNELS = ("linear", "rbf")
 POOLINGS = ("tokens", "mean")
 PROTOCOLS = ("hard_label", "soft_label")
 RECIPES = ("igd", "minimax", "rded")
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -90,7 +90,9 @@ class SamplerConfig:
     eta: float = 0.0
     cfg_scale: float = 2.0  # classifier-free guidance scale (1 = off)
     batch_size: int = 16  # images per forward
-    dtype: str = "fp32"  # fp32 | bf16 | fp16 (half precisions only on GPU)
+    # auto = bf16 when the model actors get GPUs (runtime.gpus_per_actor > 0), fp32 on CPU (CPU bf16 matmuls
+    # are slow); fp32 on CUDA runs with TF32 matmuls. The bank runs in the same precision as the sampler.
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (half precisions only on GPU)
 
 
 @dataclass
@@ -264,6 +266,15 @@ def validate(cfg: Any) -> None:
     _check(r.cpus_per_actor > 0, "runtime.cpus_per_actor", r.cpus_per_actor, "a number > 0")
     _check(r.cpus_per_eval > 0, "runtime.cpus_per_eval", r.cpus_per_eval, "a number > 0")
     _check(r.eval_retries >= 0, "runtime.eval_retries", r.eval_retries, "an integer >= 0")
+
+
+def resolve_dtype(cfg: Any) -> str:
+    """sampler.dtype=auto -> the precision the model actors run in, resolved once on the driver so every
+    bank and sampler actor (and the cache keys and method hashes) see the same name: bf16 when the actors
+    get GPUs, else fp32. Sets cfg.sampler.dtype in place and returns it."""
+    if cfg.sampler.dtype == "auto":
+        cfg.sampler.dtype = "bf16" if float(cfg.runtime.gpus_per_actor) > 0 else "fp32"
+    return str(cfg.sampler.dtype)
 
 
 def guidance_layer(cfg: Any) -> str:

@@ -18,7 +18,14 @@ import fsspec
 from omegaconf import OmegaConf
 
 from dap_ray.cli import run_main
-from dap_ray.config import config_hash, guidance_layer, to_structured, validate, validate_against_backbone
+from dap_ray.config import (
+    config_hash,
+    guidance_layer,
+    resolve_dtype,
+    to_structured,
+    validate,
+    validate_against_backbone,
+)
 from dap_ray.errors import UserError
 from dap_ray.storage import expand, write_bytes
 
@@ -92,6 +99,7 @@ def prepare(cfg_raw: Any) -> tuple[Any, Any, Any]:
 
     cfg = to_structured(cfg_raw)
     validate(cfg)
+    resolve_dtype(cfg)  # sampler.dtype=auto -> bf16 / fp32, once, for every actor, hash and cache key
     ds = cfg.dataset
     dataset = resolve_dataset(ds.name, ds.root, OmegaConf.to_container(ds.classes) if OmegaConf.is_config(ds.classes) else ds.classes,
                               train_dir=ds.train_dir, test_dir=ds.test_dir, test_fraction=ds.test_fraction, seed=ds.split_seed,

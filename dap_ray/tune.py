@@ -35,6 +35,7 @@ from dap_ray.config import (
     TuneConfig,
     config_hash,
     guidance_layer,
+    resolve_dtype,
     to_structured,
     validate,
     validate_against_backbone,
@@ -813,6 +814,7 @@ def run(cfg_raw: Any) -> int:
     t_start = time.time()
     cfg = to_structured(cfg_raw, TuneConfig)
     validate(cfg)
+    resolve_dtype(cfg)  # sampler.dtype=auto -> bf16 / fp32 once: trials and banks see the resolved name
     dims = validate_tune(cfg)
     t = cfg.tune
     cfg.ipc = int(t.ipc)  # trials sample tune.ipc images per class

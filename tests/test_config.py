@@ -188,3 +188,24 @@ def test_actors_fit_node_by_node():
     assert actors_that_fit({"CPU": 2.0, "GPU": 2.0}, nodes) == 0
     assert actors_that_fit({"CPU": 2.0, "GPU": 0.5}, nodes) == 4
     assert actors_that_fit({"CPU": 2.0}, nodes) == 10
+
+
+def test_sampler_dtype_auto_is_bf16_on_gpu_actors_and_fp32_on_cpu():
+    """sampler.dtype=auto (the default) resolves once on the driver: bf16 for GPU actors, fp32 on CPU;
+    the bank spec carries the sampler's precision; a bad value names the allowed ones."""
+    import torch
+
+    from dap_ray.backbones import torch_dtype
+    from dap_ray.config import resolve_dtype
+
+    assert torch_dtype("auto", "cuda") == torch.bfloat16 and torch_dtype("auto", "cpu") == torch.float32
+    assert torch_dtype("bf16", "cpu") == torch.float32 and torch_dtype("fp32", "cuda:0") == torch.float32
+    with pytest.raises(ConfigError, match="sampler.dtype='fp8'.*one of auto, fp32, bf16, fp16"):
+        torch_dtype("fp8", "cpu")
+    cpu = to_structured(compose("distill", []))
+    gpu = to_structured(compose("distill", ["runtime=gpu"]))
+    assert cpu.sampler.dtype == gpu.sampler.dtype == "auto"
+    assert resolve_dtype(cpu) == "fp32" and resolve_dtype(gpu) == "bf16" and gpu.sampler.dtype == "bf16"
+    assert resolve_dtype(to_structured(compose("distill", ["runtime=gpu", "sampler.dtype=fp32"]))) == "fp32"
+    with pytest.raises(ConfigError, match="sampler.dtype.*one of auto, fp32, bf16, fp16"):
+        validate(to_structured(compose("distill", ["sampler.dtype=half"])))
