@@ -189,6 +189,10 @@ def run(cfg_raw: Any) -> int:
         t0 = time.time()
         results = evaluate_run(cfg, dataset, run_dir, [m.name for m in methods], bank=bank, backbone=backbone)
         timings["evaluate"] = time.time() - t0
+        if results["skipped"]:  # unreadable test (and distilled) files: listed beside the training split's
+            ctx.skipped.extend(results["skipped"])
+            write_skipped_csv(run_dir, ctx.skipped)
+            log.warning("%d unusable test/distilled file(s) left out of evaluation; listed in %s", len(results["skipped"]), skipped_csv)
 
     # 4. report
     timings["total"] = time.time() - t_start

@@ -24,7 +24,7 @@ log = logging.getLogger("dap_ray.evaluate")
 
 
 def run(cfg_raw: Any) -> int:
-    from dap_ray.data import distilled_records, resolve_dataset
+    from dap_ray.data import distilled_records, resolve_dataset, write_skipped_csv
     from dap_ray.eval.run import evaluate_sets
     from dap_ray.report import write_report
     from dap_ray.runtime import init_ray
@@ -54,8 +54,10 @@ def run(cfg_raw: Any) -> int:
         sets[cfg.name if k is None else f"{cfg.name}@ipc{k}"] = distilled_records(cfg.data, dataset.classes, k)
     run_dir = expand(cfg.out_dir)
     init_ray(cfg.runtime)
-    rows = evaluate_sets(cfg, dataset, sets, f"{run_dir}/eval", expand(cfg.cache_dir))
-    results: dict[str, Any] = {"rows": rows, "classes": list(dataset.classes)}
+    skipped: list[tuple[str, str, str]] = []
+    rows = evaluate_sets(cfg, dataset, sets, f"{run_dir}/eval", expand(cfg.cache_dir), skipped=skipped)
+    write_skipped_csv(run_dir, skipped)
+    results: dict[str, Any] = {"rows": rows, "classes": list(dataset.classes), "skipped": skipped}
     if cfg.metrics:
         try:
             from dap_ray.backbones import load_backbone
@@ -69,7 +71,7 @@ def run(cfg_raw: Any) -> int:
     fsr, rp = fsspec.core.url_to_fs(run_dir)
     fsr.makedirs(rp, exist_ok=True)
     fsr.pipe_file(f"{rp}/config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
-    print(write_report(cfg, run_dir, results, {"data": cfg.data}, image_root=cfg.data))
+    print(write_report(cfg, run_dir, results, {"data": cfg.data, "skipped": len(skipped)}, image_root=cfg.data))
     return 0
 
 

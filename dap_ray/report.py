@@ -146,6 +146,18 @@ def plot_tsne(tsne: Sequence[dict], path: str) -> None:
     plt.close(fig)
 
 
+def test_set_line(rows: Sequence[dict]) -> str:
+    """What the accuracies were measured on: the test-set size, per class (from the rows)."""
+    per_class = next((r["test_per_class"] for r in rows if r.get("test_per_class")), None)
+    if not per_class:
+        return ""
+    counts = list(per_class.values())
+    text = f"Test set: {sum(counts)} real images, {min(counts)}–{max(counts)} per class"
+    if len(counts) <= 20:
+        text += " (" + ", ".join(f"{k}: {v}" for k, v in per_class.items()) + ")"
+    return text + "; unusable test files are listed in skipped.csv (split `test`)."
+
+
 def write_report(cfg: Any, run_dir: str, results: dict, extra: dict | None = None, image_root: str | None = None) -> str:
     """results.json, report.md and plots/; returns the markdown table (printed by the CLI)."""
     methods = list(dict.fromkeys(r["method"] for r in results["rows"]))
@@ -170,7 +182,7 @@ def write_report(cfg: Any, run_dir: str, results: dict, extra: dict | None = Non
     metrics = results.get("metrics") or {}
     if metrics.get("tsne"):
         plot_tsne(metrics["tsne"], f"{plots}/tsne.png")
-    md = ["# dap_ray run report\n", f"Run directory: `{run_dir}`\n", table, ""]
+    md = ["# dap_ray run report\n", f"Run directory: `{run_dir}`\n", table, "", test_set_line(results["rows"]), ""]
     if metrics.get("methods"):
         md += ["## Representativeness (1/d, higher = closer to the real class means) and diversity", "",
                f"Feature space: {metrics['feature_space']}.", "", "| set | 1/d | diversity |", "|---|---|---|",

@@ -221,8 +221,11 @@ def test_write_skipped_csv_round_trips(tmp_path):
     rows = [("b/x.jpg", "zero-byte file"), ('a/y, with comma "q".jpg', "not an image: cannot identify")]
     path = write_skipped_csv(str(tmp_path / "run"), rows)
     assert path == str(tmp_path / "run" / "skipped.csv")
-    assert Path(path).read_text().splitlines()[0] == "path,reason"
+    assert Path(path).read_text().splitlines()[0] == "path,reason,split"
     assert read_skipped_csv(path) == sorted(rows)
+    assert read_skipped_csv(path, with_split=True) == sorted((p, r, "train") for p, r in rows)  # (path, reason) rows: the training split
+    mixed = [("v/a.jpg", "truncated: x", "test"), ("t/b.jpg", "zero-byte file", "train")]
+    assert read_skipped_csv(write_skipped_csv(str(tmp_path / "run"), mixed), with_split=True) == sorted(mixed)
     assert read_skipped_csv(write_skipped_csv(str(tmp_path / "run"), [])) == []
     assert not list((tmp_path / "run").glob("*.tmp-*")), "no temp files left behind"
 

@@ -249,7 +249,7 @@ def test_failed_evaluation_is_retried_or_reported(ray_session, cache_dir, tmp_pa
     assert by_seed[2]["error"] == "RuntimeError: boom: this training always fails"  # the task's own error, one line
     assert len(list(markers.glob("seed2-*"))) == 2  # 1 + eval_retries attempts
     assert by_seed[3]["status"] == "failed" and by_seed[3]["error"].startswith("WorkerCrashedError")
-    assert sorted(p.name for p in (tmp_path / "eval").glob("*.json")) == ["few__convnet__0.json", "few__convnet__1.json"]
+    assert sorted(p.name.rsplit("__", 1)[0] for p in (tmp_path / "eval").glob("*.json")) == ["few__convnet__0", "few__convnet__1"]
 
     table = write_report(cfg, str(tmp_path), {"rows": rows, "classes": list(ds.classes)})
     assert "(2 failed)" in table  # the cell says how many seeds failed
@@ -759,7 +759,8 @@ def test_driver_sigkill_then_rerun_resumes_and_matches(reference_run, tiny_dit_d
         assert _digest(out / "random_real") == _digest(ref_out / "random_real")  # the truncated image was redone
         kept.update(_snapshot(out, pattern="*.png"))
         kept.update(_snapshot(out / "eval"))
-        names = [f"{m}__convnet__{s}.json" for m in ("random_real", "vanilla", "dap") for s in (0, 1)]
+        names = sorted(p.name for p in (ref_out / "eval").glob("*.json"))  # <set>__<arch>__<seed>__<key>.json: same config, same keys
+        assert len(names) == 6
         half = next(out / "eval" / n for n in names if not (out / "eval" / n).exists())
         half.write_text('{"method": "dap", "arch": "convnet", "status": "ok", "acc": 0.9')  # unparsable: never trusted
 
@@ -776,7 +777,7 @@ def test_driver_sigkill_then_rerun_resumes_and_matches(reference_run, tiny_dit_d
             assert pq.read_table(out / m / "manifest.parquet").to_pylist() == pq.read_table(ref_out / m / "manifest.parquet").to_pylist()
         assert _results(out) == _results(ref_out)
         assert all(status == "ok" for status, _ in _results(out).values()) and len(_results(out)) == 6
-        assert json.loads(half.read_text())["acc"] == _results(ref_out)[(half.name.split("__")[0], "convnet", int(half.stem[-1]))][1]
+        assert json.loads(half.read_text())["acc"] == _results(ref_out)[(half.name.split("__")[0], "convnet", int(half.name.split("__")[2]))][1]
         assert json.loads((out / "results.json").read_text())["bank"]["reused"] is True
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -226,19 +226,22 @@ def load_image(path: str, resolution: int) -> np.ndarray:
     return decode_image(data, resolution)
 
 
-def write_skipped_csv(run_dir: str, rows: list[tuple[str, str]]) -> str:
-    """Write ``<run_dir>/skipped.csv`` (columns path,reason; sorted by path) and return its path.
+def write_skipped_csv(run_dir: str, rows: Iterable[Sequence[str]]) -> str:
+    """Write ``<run_dir>/skipped.csv`` (columns path,reason,split; sorted) and return its path.
 
-    Written even when ``rows`` is empty, so its presence says "checked, nothing skipped". Local
-    files are written to a temp name and renamed; an S3 object appears atomically on upload.
+    A row is (path, reason) for a training-split file or (path, reason, split), split one of
+    ``train``, ``test`` or ``distilled:<set>``. Written even when ``rows`` is empty, so its presence
+    says "checked, nothing skipped". Local files are written to a temp name and renamed; an S3
+    object appears atomically on upload.
     """
     fs, base = filesystem(run_dir)
     out_path = run_dir.rstrip("/") + "/skipped.csv"
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "reason"])
-    for path, reason in sorted((str(p), str(r)) for p, r in rows):
-        writer.writerow([path, reason])
+    writer.writerow(["path", "reason", "split"])
+    full = {(str(r[0]), str(r[1]), str(r[2]) if len(r) > 2 else "train") for r in rows}
+    for path, reason, split in sorted(full):
+        writer.writerow([path, reason, split])
     payload = buf.getvalue().encode("utf-8")
     target = base.rstrip("/") + "/skipped.csv"
     if is_local(fs):
@@ -253,12 +256,14 @@ def write_skipped_csv(run_dir: str, rows: list[tuple[str, str]]) -> str:
     return out_path
 
 
-def read_skipped_csv(path: str) -> list[tuple[str, str]]:
-    """Rows (path, reason) of a skipped.csv written by ``write_skipped_csv``."""
+def read_skipped_csv(path: str, with_split: bool = False) -> list[tuple[str, ...]]:
+    """Rows (path, reason) — or (path, reason, split) with ``with_split`` — of a skipped.csv."""
     fs, p = filesystem(path)
     with fs.open(p, "rb") as f:
         text = f.read().decode("utf-8")
     rows = list(csv.reader(io.StringIO(text)))
-    if not rows or rows[0] != ["path", "reason"]:
+    if not rows or rows[0][:2] != ["path", "reason"]:
         raise ValueError(f"{path} is not a skipped.csv (header {rows[:1]})")
+    if with_split:
+        return [(r[0], r[1], r[2] if len(r) > 2 else "train") for r in rows[1:]]
     return [(r[0], r[1]) for r in rows[1:]]

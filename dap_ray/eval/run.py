@@ -8,20 +8,61 @@ Real and distilled images are decoded by the same code and resized alike to `eva
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 import numpy as np
 import torch
 
-from dap_ray.data import distilled_records, load_images, read_bytes
+from dap_ray.data import BadImageError, decode_image, distilled_records, load_images, read_bytes
 from dap_ray.data.types import DatasetSplits, ImageRecord
 from dap_ray.storage import expand, filesystem, write_bytes
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Decoded:
+    """Images of a list of files decoded at one size: uint8 (N, 3, R, R), which files decoded, what
+    failed (path, reason), and a digest of every file's bytes in order (content, not names)."""
+
+    images: torch.Tensor  # (N, 3, R, R) uint8
+    ok: list[int]
+    bad: list[tuple[str, str]]
+    digest: str
+
+
+def decode_files(paths: Sequence[str], resolution: int, resize: int | None = None) -> Decoded:
+    """Decode `paths` as Resize(resize or resolution) + CenterCrop(resolution) (torchvision arithmetic).
+
+    `resize > resolution` is the test transform of RDED/D3HR (Resize(8/7 s) + CenterCrop(s)). Files
+    that cannot be used are returned in `bad` with their reason, never dropped silently."""
+    out, ok, bad = [], [], []
+    h = hashlib.sha256()
+    for i, p in enumerate(paths):
+        try:
+            data = read_bytes(p)
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+            bad.append((p, f"unreadable: {type(e).__name__}"))
+            continue
+        h.update(hashlib.sha256(data).digest())
+        try:
+            img = decode_image(data, resize or resolution)  # (S, S, 3)
+        except BadImageError as e:
+            bad.append((p, e.reason))
+            continue
+        if resize and resize != resolution:
+            top = int(round((resize - resolution) / 2.0))
+            img = img[top : top + resolution, top : top + resolution]
+        out.append(img)
+        ok.append(i)
+    arr = np.stack(out) if out else np.zeros((0, resolution, resolution, 3), np.uint8)
+    return Decoded(torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), ok, bad, h.hexdigest()[:24])
 
 
 def to_float(images: np.ndarray) -> torch.Tensor:
@@ -29,11 +70,17 @@ def to_float(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)
 
 
-def load_split(records: Sequence[ImageRecord], resolution: int, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pick_test(records: Sequence[ImageRecord], limit: int | None) -> list[ImageRecord]:
+    """The test records evaluated: all, or a fixed seeded subset of `limit` (eval.max_test)."""
     recs = list(records)
     if limit is not None and len(recs) > limit:
         rng = np.random.default_rng(0)
         recs = [recs[i] for i in sorted(rng.choice(len(recs), limit, replace=False))]
+    return recs
+
+
+def load_split(records: Sequence[ImageRecord], resolution: int, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    recs = pick_test(records, limit)
     imgs, ok = load_images([r.path for r in recs], resolution)
     return to_float(imgs), torch.tensor([recs[i].label for i in ok], dtype=torch.long)
 
@@ -87,8 +134,9 @@ def _train_one(spec: dict, x_train, y_train, x_test, y_test, teacher_state) -> d
 class TeacherRef:
     """A teacher trained once (and cached as safetensors), rebuilt inside each evaluation task."""
 
-    def __init__(self, arch: str, num_classes: int, resolution: int, state_path: str):
+    def __init__(self, arch: str, num_classes: int, resolution: int, state_path: str, key: str):
         self.arch, self.num_classes, self.resolution, self.state_path = arch, num_classes, resolution, state_path
+        self.key = key  # what the teacher's weights depend on (part of every student training's key)
 
     def __call__(self):
         from safetensors.torch import load as st_load
@@ -119,7 +167,7 @@ def get_teacher(cfg: Any, dataset: DatasetSplits, x_real: torch.Tensor, y_real: 
         model = train_teacher(x_real, y_real, cfg.eval.teacher_arch, TrainConfig.teacher(epochs=int(cfg.eval.teacher_epochs)), seed=0)
         fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
         write_bytes(fs, p, st_save({k: v.contiguous() for k, v in model.state_dict().items()}))  # local: temp + rename
-    return TeacherRef(cfg.eval.teacher_arch, len(dataset.classes), int(cfg.eval.resolution), path)
+    return TeacherRef(cfg.eval.teacher_arch, len(dataset.classes), int(cfg.eval.resolution), path, f"trained:{cfg.eval.teacher_arch}-{key}")
 
 
 def _error_line(e: BaseException) -> str:
@@ -132,6 +180,27 @@ def _error_line(e: BaseException) -> str:
     return f"{type(cause).__name__}: {lines[0].strip() if lines else ''}"[:300]
 
 
+def training_key(cfg: Any, arch: str, seed: int, tc: Any, real_fp: str, set_fp: str, teacher: TeacherRef | None) -> tuple[str, dict]:
+    """(hash, parts) of everything that shapes one training's accuracy: the protocol and recipe, the
+    net, the image size and test transform, the full training config (lr, epochs, batch size,
+    augmentation, schedule, ...), the teacher, the real test data and the distilled set's content.
+    A result is reused only under the same hash, so no change of setting can return an old number."""
+    from dataclasses import asdict
+
+    from dap_ray.config import config_hash
+
+    e = cfg.eval
+    parts = {"protocol": str(e.protocol), "recipe": str(e.recipe), "arch": arch, "seed": int(seed), "resolution": int(e.resolution),
+             "test_resize": test_resize(cfg), "train_cfg": asdict(tc), "teacher": None if teacher is None else teacher.key,
+             "real_data": real_fp, "distilled": set_fp}
+    return config_hash(parts, 20), parts
+
+
+def test_resize(cfg: Any) -> int:
+    """Shorter side the test images are resized to before the center crop to eval.resolution."""
+    return int(cfg.eval.resolution)
+
+
 def evaluate_sets(
     cfg: Any,
     dataset: DatasetSplits,
@@ -139,40 +208,62 @@ def evaluate_sets(
     results_dir: str,
     cache_dir: str,
     progress: bool = True,
+    skipped: list | None = None,
 ) -> list[dict]:
-    """Train every (set, arch, seed) as a Ray task; returns one row per training (failed ones marked)."""
+    """Train every (set, arch, seed) as a Ray task; returns one row per training (failed ones marked).
+
+    Each finished training is cached as `<results_dir>/<set>__<arch>__<seed>__<key>.json`, `key` the
+    hash of :func:`training_key`: a re-run with the same settings reuses it, any change retrains.
+    Unusable test and distilled files are appended to `skipped` as (path, reason, split)."""
     import ray
     from tqdm.auto import tqdm
 
+    from dap_ray.config import config_hash
+
     res = int(cfg.eval.resolution)
-    x_test, y_test = load_split(dataset.test, res, cfg.eval.max_test)
+    test_recs = pick_test(dataset.test, cfg.eval.max_test)
+    test = decode_files([r.path for r in test_recs], res, test_resize(cfg))
+    y_test = torch.tensor([test_recs[i].label for i in test.ok], dtype=torch.long)
+    if skipped is not None:
+        skipped += [(p, why, "test") for p, why in test.bad]
+    if test.bad:
+        log.warning("%d test file(s) could not be used and are not in the test set (listed in skipped.csv)", len(test.bad))
+    test_per_class = {c.key: int((y_test == c.index).sum()) for c in dataset.classes}
+    real_fp = config_hash({"classes": [c.key for c in dataset.classes], "test": test.digest, "labels": y_test.tolist()}, 20)
     fs, rdir = fsspec.core.url_to_fs(results_dir)
     fs.makedirs(rdir, exist_ok=True)
     teacher = None
     if cfg.eval.protocol == "soft_label":
         x_real, y_real = load_split(dataset.train, res)
         teacher = get_teacher(cfg, dataset, x_real, y_real, cache_dir)
-    x_test_ref, y_test_ref = ray.put(x_test), ray.put(y_test)
+    x_test_ref, y_test_ref = ray.put(test.images), ray.put(y_test)
     task = ray.remote(_train_one).options(num_cpus=float(cfg.runtime.cpus_per_eval), num_gpus=float(cfg.runtime.gpus_per_eval),
                                           max_retries=int(cfg.runtime.eval_retries), retry_exceptions=True)
     rows, pending = [], {}
     nclass = len(dataset.classes)
     for name, recs in sets.items():
-        imgs, ok = load_images([r.path for r in recs], res)
-        x_tr, y_tr = to_float(imgs), torch.tensor([recs[i].label for i in ok], dtype=torch.long)
-        ipc = max(1, len(ok) // max(nclass, 1))
-        x_ref, y_ref = ray.put(x_tr), ray.put(y_tr)
+        dec = decode_files([r.path for r in recs], res)
+        if skipped is not None:
+            skipped += [(p, why, f"distilled:{name}") for p, why in dec.bad]
+        y_tr = torch.tensor([recs[i].label for i in dec.ok], dtype=torch.long)
+        set_fp = config_hash({"content": dec.digest, "labels": y_tr.tolist()}, 20)
+        n_ok = len(dec.ok)
+        ipc = max(1, n_ok // max(nclass, 1))
+        x_ref, y_ref = ray.put(dec.images), ray.put(y_tr)
         for arch in cfg.eval.archs:
             tc = train_config(cfg, ipc, nclass, arch)
             for seed in cfg.eval.seeds:
-                fname = f"{rdir}/{name}__{arch}__{int(seed)}.json"
-                base = {"method": name, "arch": arch, "seed": int(seed), "ipc": ipc, "protocol": cfg.eval.protocol, "epochs": tc.epochs, "n_train": len(ok)}
+                key, parts = training_key(cfg, arch, int(seed), tc, real_fp, set_fp, teacher)
+                fname = f"{rdir}/{name}__{arch}__{int(seed)}__{key}.json"
+                base = {"method": name, "arch": arch, "seed": int(seed), "ipc": ipc, "protocol": cfg.eval.protocol, "recipe": cfg.eval.recipe,
+                        "epochs": tc.epochs, "n_train": n_ok, "n_test": int(len(y_test)), "test_per_class": test_per_class, "key": key,
+                        "config": parts}
                 if fs.exists(fname):
                     try:
                         cached = json.loads(fs.cat_file(fname))
                     except ValueError:  # unreadable (not written by us: ours are atomic): train again
                         cached = {}
-                    if cached.get("status") == "ok" and cached.get("epochs") == tc.epochs and cached.get("n_train") == len(ok):
+                    if cached.get("status") == "ok" and cached.get("key") == key:
                         rows.append(cached)
                         continue
                 spec = {"arch": arch, "seed": int(seed), "train_cfg": tc, "protocol": cfg.eval.protocol, "gpus": float(cfg.runtime.gpus_per_eval),
@@ -186,8 +277,8 @@ def evaluate_sets(
         base, fname = pending[done[0]]
         try:
             out = ray.get(done[0])
-            row = {**base, "status": "ok", "acc": float(out["acc"]), "seconds": out.get("seconds"),
-                   "history": [[int(e), float(a)] for e, a in out.get("history", [])]}
+            row = {**base, "status": "ok", "acc": float(out["acc"]), "acc_best": out.get("acc_best"), "acc_last": out.get("acc_last"),
+                   "seconds": out.get("seconds"), "history": [[int(e), float(a)] for e, a in out.get("history", [])]}
             write_bytes(fs, fname, json.dumps(row).encode())  # temp + rename: a killed driver leaves no half file
         except Exception as e:  # noqa: BLE001 - reported in the table, never silently dropped
             row = {**base, "status": "failed", "acc": None, "error": _error_line(e)}
@@ -199,10 +290,12 @@ def evaluate_sets(
 
 
 def evaluate_run(cfg: Any, dataset: DatasetSplits, run_dir: str, methods: Sequence[str], bank=None, backbone=None) -> dict:
-    """Evaluate each method's images of this run; also the representativeness metric and t-SNE."""
+    """Evaluate each method's images of this run; also the representativeness metric and t-SNE.
+    `out["skipped"]` lists the test and distilled files that could not be used (path, reason, split)."""
     sets = {m: distilled_records(f"{run_dir}/{m}/images", dataset.classes) for m in methods}
-    rows = evaluate_sets(cfg, dataset, sets, f"{run_dir}/eval", expand(cfg.cache_dir))
-    out: dict[str, Any] = {"rows": rows, "classes": list(dataset.classes)}
+    skipped: list[tuple[str, str, str]] = []
+    rows = evaluate_sets(cfg, dataset, sets, f"{run_dir}/eval", expand(cfg.cache_dir), skipped=skipped)
+    out: dict[str, Any] = {"rows": rows, "classes": list(dataset.classes), "skipped": skipped}
     if backbone is not None:
         from dap_ray.metrics import representativeness
 

@@ -45,7 +45,7 @@ class RunContext:
         <run>/skipped.csv rewritten with all of them (each path once)."""
         from dap_ray.data import write_skipped_csv
 
-        known = {p for p, _ in self.skipped}
+        known = {r[0] for r in self.skipped}
         new = []
         for path, reason in rows:
             if str(path) not in known:

@@ -1,0 +1,121 @@
+"""Evaluation as the papers run it: results keyed by every setting, every unusable file listed
+(test split included), the papers' presets at 224 px."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.integration
+
+
+def _cfg(tmp_path, cache_dir, *extra: str):
+    from dap_ray.cli import compose
+    from dap_ray.config import to_structured, validate
+
+    cfg = to_structured(compose("distill", [f"out_dir={tmp_path}", f"cache_dir={cache_dir}", "eval.epochs=1", "eval.seeds=[0]",
+                                            "eval.archs=[convnet]", "eval.max_test=20", "eval.resolution=16", "dataset.classes=[0,1]", *extra]))
+    validate(cfg)
+    return cfg
+
+
+def _results(d) -> dict[str, int]:
+    return {os.path.basename(p): os.stat(p).st_mtime_ns for p in glob.glob(f"{d}/*.json")}
+
+
+def test_every_evaluation_setting_keys_the_result(ray_session, cache_dir, tmp_path):
+    """An unchanged re-run reuses the stored accuracy; changing any evaluation key (resolution, lr,
+    augmentation, epochs, batch size, recipe) or the distilled images' content trains again."""
+    from dap_ray.data import resolve_dataset
+    from dap_ray.eval.run import evaluate_sets
+
+    ds = resolve_dataset("digits", None, ["0", "1"], cache_dir=str(cache_dir))
+    imgs = tmp_path / "set"
+    for c in ("0", "1"):
+        (imgs / c).mkdir(parents=True)
+        for i, r in enumerate([r for r in ds.train if r.label == int(c)][:2]):
+            (imgs / c / f"{i}.png").write_bytes(open(r.path, "rb").read())
+    from dap_ray.data import distilled_records
+
+    sets = {"few": distilled_records(str(imgs), ds.classes)}
+    out = tmp_path / "eval"
+    rows = evaluate_sets(_cfg(tmp_path, cache_dir), ds, sets, str(out), str(cache_dir), progress=False)
+    first = _results(out)
+    assert len(first) == 1 and rows[0]["status"] == "ok"
+    row = rows[0]
+    assert row["config"]["resolution"] == 16 and row["config"]["train_cfg"]["epochs"] == 1 and row["config"]["recipe"] == "igd"
+    assert row["n_test"] == 20 and sum(row["test_per_class"].values()) == 20
+
+    again = evaluate_sets(_cfg(tmp_path, cache_dir), ds, sets, str(out), str(cache_dir), progress=False)
+    assert _results(out) == first and again[0]["acc"] == row["acc"]  # reused, not retrained
+
+    seen = set(first)
+    for change in ("eval.resolution=24", "eval.lr=0.5", "eval.augment=none", "eval.epochs=2", "eval.batch_size=2", "eval.recipe=minimax"):
+        r = evaluate_sets(_cfg(tmp_path, cache_dir, change), ds, sets, str(out), str(cache_dir), progress=False)[0]
+        now = _results(out)
+        new = set(now) - seen
+        assert len(new) == 1, change  # trained again, under a new key
+        assert r["key"] in next(iter(new)) and r["key"] != row["key"]
+        seen |= new
+    # same names, other pixels: the distilled set's content is part of the key
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(imgs / "0" / "0.png")
+    r = evaluate_sets(_cfg(tmp_path, cache_dir), ds, {"few": distilled_records(str(imgs), ds.classes)}, str(out), str(cache_dir),
+                      progress=False)[0]
+    assert r["key"] != row["key"] and len(_results(out)) == len(seen) + 1
+
+
+def _tiny_imagefolder(root, n_good: int = 6, size: int = 20) -> None:
+    """2 classes of small JPEGs, plus per class a truncated JPEG and a text file named .png."""
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        d = root / c
+        d.mkdir(parents=True)
+        for i in range(n_good):
+            base = (200, 30, 30) if c == "cat" else (30, 30, 200)
+            arr = np.clip(np.array(base) + rng.integers(-20, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(d / f"img{i}.jpg", quality=90)
+        good = (d / "img0.jpg").read_bytes()
+        (d / "zz_truncated.jpg").write_bytes(good[: len(good) // 2])
+        (d / "zz_text.png").write_text("this is not an image\n")
+
+
+def test_unusable_test_files_are_listed_with_their_split(ray_session, cache_dir, tmp_path):
+    """A truncated JPEG and a text file named .png that fall in the carved test split are listed in
+    skipped.csv with split `test`; the report gives the test-set size per class."""
+    from dap_ray.data import read_skipped_csv, resolve_dataset, write_skipped_csv
+    from dap_ray.eval.run import evaluate_sets
+    from dap_ray.report import write_report
+
+    root = tmp_path / "data"
+    _tiny_imagefolder(root)
+    bad = {"cat/zz_truncated.jpg", "cat/zz_text.png", "dog/zz_truncated.jpg", "dog/zz_text.png"}
+    for seed in range(200):  # a split seed that carves every bad file into the test split
+        ds = resolve_dataset("imagefolder", str(root), None, test_fraction=0.5, seed=seed)
+        if bad <= {r.id for r in ds.test}:
+            break
+    else:
+        pytest.fail("no split seed puts the bad files in the test split")
+    sets = {"real4": [r for r in ds.train if r.id not in bad][:4]}
+    cfg = _cfg(tmp_path, cache_dir, "dataset=imagefolder", f"dataset.root={root}", "dataset.classes=null", f"dataset.split_seed={seed}",
+               "dataset.test_fraction=0.5", "eval.max_test=null")
+    skipped: list = []
+    rows = evaluate_sets(cfg, ds, sets, str(tmp_path / "eval"), str(cache_dir), progress=False, skipped=skipped)
+    n_good_test = len(ds.test) - 4
+    assert rows[0]["status"] == "ok" and rows[0]["n_test"] == n_good_test
+    assert sum(rows[0]["test_per_class"].values()) == n_good_test
+    write_skipped_csv(str(tmp_path), skipped)
+    listed = read_skipped_csv(str(tmp_path / "skipped.csv"), with_split=True)
+    assert {(p.split("/data/", 1)[1], split) for p, _, split in listed} == {(b, "test") for b in bad}
+    reasons = {p.rsplit("/", 1)[1]: why for p, why, _ in listed}
+    assert reasons["zz_truncated.jpg"].startswith("truncated") and reasons["zz_text.png"].startswith("not an image")
+    write_report(cfg, str(tmp_path), {"rows": rows, "classes": list(ds.classes)})
+    md = (tmp_path / "report.md").read_text()
+    per = rows[0]["test_per_class"]
+    assert f"Test set: {n_good_test} real images" in md and f"cat: {per['cat']}" in md and f"dog: {per['dog']}" in md
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["rows"][0]["config"]["train_cfg"]["lr"] == 1e-3
