@@ -38,6 +38,7 @@ from dap_ray.data import BadImageError, decode_image, read_bytes
 from dap_ray.data.types import ClassInfo, DatasetSplits, ImageRecord
 from dap_ray.errors import UserError
 from dap_ray.guidance import RandomFourierFeatures
+from dap_ray.runtime import plan_pool
 from dap_ray.sampling import seed_for
 from dap_ray.storage import write_bytes
 
@@ -89,18 +90,7 @@ def rff_for(spec_rff: dict, dim: int) -> RandomFourierFeatures:
 # ---------------------------------------------------------------------------------------------
 
 
-def split_cpus(num_actors: int, cpus_per_actor: float) -> tuple[float, float]:
-    """(CPUs per model actor, CPUs per decode task) for a decode -> actor-pool Ray Data pipeline.
-
-    Actors that hold every CPU of the cluster would starve the decode tasks feeding them and the
-    pipeline would hang; so leave room for decoding (shrinking the actors' share if needed)."""
-    import ray
-
-    total = float(ray.cluster_resources().get("CPU", 1.0))
-    decode = min(0.5, total / 4)
-    if num_actors * cpus_per_actor > total - decode:
-        cpus_per_actor = max(0.1, (total - decode) / num_actors)
-    return cpus_per_actor, decode
+DECODE_CPUS = 0.5  # CPUs of one decode task (shrunk on small nodes by runtime.plan_pool)
 
 
 def model_pipeline(records: Sequence[ImageRecord], udf: type, constructor_kwargs: dict, resolution: int, batch_size: int,
@@ -114,7 +104,13 @@ def model_pipeline(records: Sequence[ImageRecord], udf: type, constructor_kwargs
     2.64), which has no named parameter for them; tests/test_bank.py checks the restart."""
     import ray
 
-    cpus_per_actor, decode_cpus = split_cpus(num_actors, cpus_per_actor)
+    # sized against each node, not the cluster's sum: on three 1-CPU nodes, 3 actors x 0.83 CPU
+    # (the sum's answer) leave no node room for a 0.5-CPU decode task and the pipeline hangs
+    plan = plan_pool(ray.nodes(), num_actors, cpus_per_actor, gpus_per_actor, side_cpus=DECODE_CPUS)
+    if plan.actors < num_actors:
+        log.info("%s: %d actor(s) of %.2f CPU instead of %d: the alive nodes place no more beside the decode tasks",
+                 udf.__name__, plan.actors, plan.cpus_per_actor, num_actors)
+    num_actors, cpus_per_actor, decode_cpus = plan.actors, plan.cpus_per_actor, plan.side_cpus
     items = [{"id": r.id, "path": r.path, "label": r.label} for r in records]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // max(batch_size, 1), 64)))
     ds = ds.map_batches(decode_batch, fn_kwargs={"resolution": resolution}, batch_size=batch_size, batch_format="numpy",

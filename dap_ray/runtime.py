@@ -35,6 +35,7 @@ import socket
 import sys
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from dap_ray.errors import ConfigError, UserError
@@ -204,6 +205,49 @@ def actor_count(requested: int | None, gpus_per_actor: float, cpus_per_actor: fl
         log.warning("%s=%d: only %d actor(s) of %s fit on the cluster; using %d", key, want, fit, need, fit)
         return fit
     return want
+
+
+MIN_ACTOR_CPUS = 0.1  # below this an actor's share is no share: use fewer actors instead
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """Resource sizes for a pool of model actors (+ optional side tasks, e.g. Ray Data decode tasks)."""
+
+    actors: int
+    cpus_per_actor: float
+    side_cpus: float  # CPUs of one side task (0: the pool has none)
+
+
+def plan_pool(nodes: list[dict], num_actors: int, cpus_per_actor: float, gpus_per_actor: float = 0.0,
+              side_cpus: float = 0.0) -> PoolPlan:
+    """Pure: sizes for `num_actors` model actors on `nodes` (`ray.nodes()` entries; dead ones are
+    ignored) such that nothing waits on a piece that fits on no node.
+
+    * An actor is at most as large as the largest node (a 2-CPU actor never places on 1-CPU nodes).
+    * With side tasks (the decode tasks feeding a Ray Data actor pool), however Ray places the
+      actors some node keeps room for one: every node wastes less than one side task, so if the
+      actors leave at least (#nodes x side task) CPUs of the total free, one node has a side task's
+      room (pigeonhole). The actors' share shrinks to make it so, never below MIN_ACTOR_CPUS;
+      below that there are fewer actors. (The cluster's sum alone gave three 1-CPU nodes 3 actors
+      x 0.83 CPU: 0.17 CPU left per node, no 0.5-CPU decode task placeable, a hang; issue 22.)
+    * Never more actors than the nodes place at that size (GPU actors: one per `gpus_per_actor`
+      GPUs of a node), and at least one.
+    """
+    cpu_nodes = [float(n.get("Resources", {}).get("CPU", 0.0)) for n in nodes if n.get("Alive", False)]
+    cpu_nodes = [c for c in cpu_nodes if c > 0]
+    if not cpu_nodes:
+        return PoolPlan(max(1, int(num_actors)), float(cpus_per_actor), float(side_cpus))
+    biggest = max(cpu_nodes)
+    side = min(float(side_cpus), biggest / 4) if side_cpus > 0 else 0.0
+    budget = sum(cpu_nodes) - len(cpu_nodes) * side  # CPUs the actors may take, all nodes together
+    cpus = min(float(cpus_per_actor), biggest - side)
+    n = max(1, int(num_actors))
+    if n * cpus > budget + 1e-9:
+        cpus = max(MIN_ACTOR_CPUS, budget / n)
+        n = max(1, min(n, int(budget / cpus + 1e-9)))
+    n = max(1, min(n, actors_that_fit(actor_need(gpus_per_actor, cpus), nodes)))
+    return PoolPlan(n, round(cpus, 4), side)
 
 
 def resolve_actor_counts(runtime: Any) -> None:
