@@ -310,7 +310,7 @@ def require(value: Any, key: str, what: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# python -m dap_ray.tune: the distill schema plus a `tune` section (validated in dap_ray.tune)
+# python -m dap_ray.tune: the distill schema plus a `tune` section (validated in dap_ray.tune.space)
 # ---------------------------------------------------------------------------------------------
 
 SEARCHERS = ("random", "grid", "optuna")
@@ -324,7 +324,7 @@ class TuneSettings:
     `space` maps a dotted config key to a distribution, nested or flat in YAML, e.g.
     `{method: {gamma: {type: loguniform, low: 0.5, high: 20}}}` or `{"method.gamma": {...}}`;
     types: uniform, loguniform, quniform (q), randint, lograndint (integer bounds inclusive), choice
-    (values), grid (values). Checked in dap_ray.tune.parse_space (needs the loaded model for layers).
+    (values), grid (values). Checked in dap_ray.tune.space.parse_space (needs the loaded model for layers).
     """
 
     space: dict[str, Any] = field(default_factory=dict)

@@ -23,16 +23,11 @@ from omegaconf import OmegaConf
 from dap_ray.cli import compose
 from dap_ray.config import DistillConfig, TuneConfig, to_structured, validate
 from dap_ray.errors import ConfigError
-from dap_ray.tune import (
-    Dim,
-    _axis,
-    flatten_space,
-    format_override,
-    main,
-    parse_dim,
-    split_validation,
-    validate_tune,
-)
+from dap_ray.tune.best import format_override
+from dap_ray.tune.results import axis_labels
+from dap_ray.tune.space import Dim, flatten_space, parse_dim, validate_tune
+from dap_ray.tune.sweep import main
+from dap_ray.tune.trial import split_validation
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -122,10 +117,10 @@ def test_space_types_map_to_ray_domains():
 @pytest.mark.unit
 def test_axis_bins_continuous_values_and_keeps_discrete_ones():
     gamma = Dim("method.gamma", "loguniform", 1.0, 100.0)
-    labels, order = _axis([1.0, 1.5, 9.0, 11.0, 99.0, 50.0], gamma, bins=2)
+    labels, order = axis_labels([1.0, 1.5, 9.0, 11.0, 99.0, 50.0], gamma, bins=2)
     assert order == ["1–10", "10–100"] and labels == ["1–10", "1–10", "1–10", "10–100", "10–100", "10–100"]
     t_stop = Dim("method.t_stop", "grid", values=(600, 0))
-    assert _axis([600, 0, 600], t_stop) == (["600", "0", "600"], ["0", "600"])
+    assert axis_labels([600, 0, 600], t_stop) == (["600", "0", "600"], ["0", "600"])
 
 
 @pytest.mark.unit
