@@ -31,7 +31,7 @@ MODEL_TYPES = ("dit", "sd")
 KERNELS = ("linear", "rbf")
 POOLINGS = ("tokens", "mean")
 PROTOCOLS = ("hard_label", "soft_label")
-RECIPES = ("igd", "minimax", "rded")
+RECIPES = ("igd", "minimax", "d3hr", "rded")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -105,11 +105,15 @@ class BankConfig:
 
 @dataclass
 class EvalConfig:
+    name: str = "custom"  # the protocol preset (configs/eval/<name>.yaml), named after its source; shown in report.md
+    source: str = ""  # where the preset comes from (a PROTOCOLS.md section), shown in report.md
+    comparable: bool = False  # true only for presets that run a paper's protocol, so its numbers sit beside the paper's
     protocol: str = "hard_label"  # hard_label | soft_label
-    recipe: str = "igd"  # igd | minimax (hard label), rded (soft label): the peers' training recipes
+    recipe: str = "igd"  # igd | minimax | d3hr (hard label), rded (soft label): the peers' training recipes
     archs: list[str] = field(default_factory=lambda: ["convnet", "resnetap10"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     resolution: int = 32  # real and distilled images are resized alike to this before training
+    test_resize: float = 1.0  # test images: Resize(test_resize * resolution) + CenterCrop(resolution); RDED/D3HR 8/7
     epochs: int | None = None  # null = the recipe's, scaled with IPC (dap_ray.eval.train.epochs_for_ipc)
     batch_size: int | None = None  # null = the recipe's
     lr: float | None = None  # null = the recipe's
@@ -240,6 +244,7 @@ def validate(cfg: Any) -> None:
     _choice("eval.protocol", e.protocol, PROTOCOLS)
     _check(len(e.seeds) >= 1, "eval.seeds", list(e.seeds), "a non-empty list of integers")
     _check(e.resolution >= 8, "eval.resolution", e.resolution, "an integer >= 8")
+    _check(1.0 <= e.test_resize <= 2.0, "eval.test_resize", e.test_resize, "a number in [1, 2] (1 = Resize + CenterCrop to eval.resolution; RDED 8/7)")
     _choice("eval.recipe", e.recipe, RECIPES)
     _check(e.epochs is None or e.epochs >= 1, "eval.epochs", e.epochs, "null (scaled with IPC) or an integer >= 1")
     _check(e.batch_size is None or e.batch_size >= 1, "eval.batch_size", e.batch_size, "null or an integer >= 1")

@@ -146,6 +146,17 @@ def plot_tsne(tsne: Sequence[dict], path: str) -> None:
     plt.close(fig)
 
 
+def protocol_line(cfg: Any) -> str:
+    """Which protocol produced the table, its source, and whether the numbers compare with the papers'."""
+    e = cfg.eval
+    text = f"Protocol: `{e.name}`" + (f" ({e.source})" if e.source else "") + "."
+    teacher_here = e.protocol == "soft_label" and not getattr(getattr(e, "teacher", None), "path", None)
+    if not e.comparable or teacher_here:
+        why = "its teacher was trained here, not the papers' pretrained one" if teacher_here and e.comparable else "it is not a paper's protocol"
+        text += f" **Not comparable to the papers' tables**: {why}."
+    return text
+
+
 def test_set_line(rows: Sequence[dict]) -> str:
     """What the accuracies were measured on: the test-set size, per class (from the rows)."""
     per_class = next((r["test_per_class"] for r in rows if r.get("test_per_class")), None)
@@ -162,7 +173,7 @@ def write_report(cfg: Any, run_dir: str, results: dict, extra: dict | None = Non
     """results.json, report.md and plots/; returns the markdown table (printed by the CLI)."""
     methods = list(dict.fromkeys(r["method"] for r in results["rows"]))
     archs = list(cfg.eval.archs)
-    res_label = f"{cfg.dataset.name}, IPC {cfg.ipc}, {cfg.eval.protocol} ({cfg.eval.recipe}), eval at {cfg.eval.resolution}px"
+    res_label = f"{cfg.dataset.name}, IPC {cfg.ipc}, protocol {cfg.eval.name}: {cfg.eval.protocol} ({cfg.eval.recipe}), eval at {cfg.eval.resolution}px"
     table = format_table(results["rows"], methods, archs, f"Test accuracy (%) mean ± std over seeds {list(cfg.eval.seeds)} — {res_label}")
     s = summarize(results["rows"])
     payload = {
@@ -182,7 +193,7 @@ def write_report(cfg: Any, run_dir: str, results: dict, extra: dict | None = Non
     metrics = results.get("metrics") or {}
     if metrics.get("tsne"):
         plot_tsne(metrics["tsne"], f"{plots}/tsne.png")
-    md = ["# dap_ray run report\n", f"Run directory: `{run_dir}`\n", table, "", test_set_line(results["rows"]), ""]
+    md = ["# dap_ray run report\n", f"Run directory: `{run_dir}`\n", table, "", protocol_line(cfg), "", test_set_line(results["rows"]), ""]
     if metrics.get("methods"):
         md += ["## Representativeness (1/d, higher = closer to the real class means) and diversity", "",
                f"Feature space: {metrics['feature_space']}.", "", "| set | 1/d | diversity |", "|---|---|---|",

@@ -119,3 +119,70 @@ def test_unusable_test_files_are_listed_with_their_split(ray_session, cache_dir,
     assert f"Test set: {n_good_test} real images" in md and f"cat: {per['cat']}" in md and f"dog: {per['dog']}" in md
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["rows"][0]["config"]["train_cfg"]["lr"] == 1e-3
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("arch", "params_m"), [("convnet6", 0.755), ("resnetap10", 4.91), ("resnet18_in", 11.2)])
+def test_224px_nets_have_the_parameter_counts_of_protocols_section_2(arch: str, params_m: float):
+    from dap_ray.eval.nets import create
+
+    n = sum(p.numel() for p in create(arch, 10, 224).parameters())
+    decimals = len(str(params_m).split(".")[1])
+    assert abs(n / 1e6 - params_m) <= 0.5 * 10**-decimals, n  # equal at the precision PROTOCOLS states
+
+
+@pytest.mark.unit
+def test_presets_are_the_papers_protocols():
+    """dataset=imagefolder evaluates with the IGD protocol unless told otherwise; digits keeps its CPU
+    preset; every preset names itself and its PROTOCOLS section."""
+    from dap_ray.cli import compose
+    from dap_ray.config import to_structured, validate
+    from dap_ray.eval.run import test_resize, train_config
+
+    digits = to_structured(compose("distill", []))
+    assert (digits.eval.name, digits.eval.resolution, digits.eval.epochs, digits.eval.comparable) == ("digits_cpu", 16, 40, False)
+    real = to_structured(compose("distill", ["dataset=imagefolder", "dataset.root=/data/imagenette"]))
+    e = real.eval
+    assert (e.name, e.recipe, e.resolution, list(e.archs), list(e.seeds)) == (
+        "igd_hard_label", "igd", 224, ["convnet6", "resnetap10", "resnet18_in"], [0, 1, 2, 3, 4])
+    assert "§3.2" in e.source and e.comparable
+    tc = train_config(real, 10, 10, "convnet6")
+    assert (tc.optimizer, tc.lr, tc.weight_decay, tc.schedule, tc.milestones, tc.gamma) == ("adamw", 1e-3, 0.01, "multistep", (2 / 3, 5 / 6), 0.2)
+    assert (tc.augment, tc.mix, tc.epochs, tc.eval_every) == ("idc", "cutmix", 2000, 0)  # 0: every epochs // 100
+    mm = train_config(to_structured(compose("distill", ["eval=minimax_hard_label"])), 50, 10, "resnetap10")
+    assert (mm.optimizer, mm.lr, mm.epochs) == ("sgd", 0.01, 1500)
+    d3 = to_structured(compose("distill", ["eval=d3hr_hard_label"]))
+    t3 = train_config(d3, 10, 10, "resnet18")
+    assert (t3.schedule, t3.mix, t3.rrc_scale, t3.batch_size, t3.epochs, t3.eval_after) == ("half_cosine", "mixup", (0.08, 1.0), 50, 2000, 0.95)
+    assert test_resize(d3) == 256
+    sl = to_structured(compose("distill", ["dataset=imagefolder", "dataset.root=/x", "eval=soft_label"]))
+    assert (sl.eval.name, list(sl.eval.archs), test_resize(sl)) == ("rded_soft_label", ["resnet18"], 256)
+    for cfg in (digits, real, d3, sl):
+        validate(cfg)
+
+
+def test_reduced_224px_hard_label_run_on_a_tiny_imagefolder(ray_session, cache_dir, tmp_path):
+    """The IGD preset end to end on CPU, reduced to 1 epoch and 1 seed: tiny 20-px JPEGs are resized
+    to 224 px and train ConvNet-6, ResNetAP-10 and ResNet-18 (instance norm); the report names it."""
+    from dap_ray.cli import compose
+    from dap_ray.config import to_structured, validate
+    from dap_ray.data import resolve_dataset
+    from dap_ray.eval.run import evaluate_sets
+    from dap_ray.report import write_report
+
+    root = tmp_path / "data"
+    _tiny_imagefolder(root, n_good=4)
+    for bad in root.rglob("zz_*"):
+        bad.unlink()
+    cfg = to_structured(compose("distill", ["dataset=imagefolder", f"dataset.root={root}", "dataset.test_fraction=0.5", f"out_dir={tmp_path}",
+                                            f"cache_dir={cache_dir}", "eval.epochs=1", "eval.seeds=[0]", "eval.tsne=false"]))
+    validate(cfg)
+    ds = resolve_dataset("imagefolder", str(root), None, test_fraction=0.5)
+    rows = evaluate_sets(cfg, ds, {"real2": ds.train[:2] + ds.train[-2:]}, str(tmp_path / "eval"), str(cache_dir), progress=False)
+    assert [(r["arch"], r["status"]) for r in rows] == [("convnet6", "ok"), ("resnet18_in", "ok"), ("resnetap10", "ok")]
+    assert all(r["config"]["resolution"] == 224 and r["config"]["train_cfg"]["optimizer"] == "adamw" for r in rows)
+    assert all(0.0 <= r["acc"] <= 1.0 and r["n_test"] == 4 for r in rows)
+    table = write_report(cfg, str(tmp_path), {"rows": rows, "classes": list(ds.classes)})
+    assert "protocol igd_hard_label" in table
+    md = (tmp_path / "report.md").read_text()
+    assert "Protocol: `igd_hard_label` (PROTOCOLS.md §3.2" in md and "Not comparable" not in md

@@ -86,10 +86,10 @@ def load_split(records: Sequence[ImageRecord], resolution: int, limit: int | Non
 
 
 def train_config(cfg: Any, ipc: int, nclass: int, arch: str):
-    from dap_ray.eval.train import TrainConfig, epochs_for_ipc
+    from dap_ray.eval.train import TrainConfig
 
     e = cfg.eval
-    preset = {"igd": TrainConfig.igd, "minimax": TrainConfig.minimax, "rded": TrainConfig.rded}[e.recipe]
+    preset = {"igd": TrainConfig.igd, "minimax": TrainConfig.minimax, "d3hr": TrainConfig.d3hr, "rded": TrainConfig.rded}[e.recipe]
     kw: dict[str, Any] = {}
     if e.recipe == "rded":
         kw["arch"] = arch
@@ -97,8 +97,8 @@ def train_config(cfg: Any, ipc: int, nclass: int, arch: str):
     over: dict[str, Any] = {}
     if e.epochs is not None:
         over["epochs"] = int(e.epochs)
-    elif e.recipe != "rded":
-        over["epochs"] = epochs_for_ipc(ipc, "idc", nclass)
+        if e.recipe == "d3hr":  # D3HR tests over the last ~100 epochs of whatever budget runs
+            over["eval_after"] = max(0.0, 1.0 - 100 / int(e.epochs))
     if e.batch_size is not None:
         over["batch_size"] = int(e.batch_size)
     if e.lr is not None:
@@ -190,15 +190,16 @@ def training_key(cfg: Any, arch: str, seed: int, tc: Any, real_fp: str, set_fp: 
     from dap_ray.config import config_hash
 
     e = cfg.eval
-    parts = {"protocol": str(e.protocol), "recipe": str(e.recipe), "arch": arch, "seed": int(seed), "resolution": int(e.resolution),
+    parts = {"preset": str(e.name), "protocol": str(e.protocol), "recipe": str(e.recipe), "arch": arch, "seed": int(seed), "resolution": int(e.resolution),
              "test_resize": test_resize(cfg), "train_cfg": asdict(tc), "teacher": None if teacher is None else teacher.key,
              "real_data": real_fp, "distilled": set_fp}
     return config_hash(parts, 20), parts
 
 
 def test_resize(cfg: Any) -> int:
-    """Shorter side the test images are resized to before the center crop to eval.resolution."""
-    return int(cfg.eval.resolution)
+    """Shorter side the test images are resized to before the center crop to eval.resolution:
+    `eval.test_resize` x resolution (RDED/D3HR: Resize(8/7 s) + CenterCrop(s), 256 for 224)."""
+    return int(round(float(cfg.eval.test_resize) * int(cfg.eval.resolution)))
 
 
 def evaluate_sets(

@@ -117,6 +117,24 @@ class TrainConfig:
         return cls(**{**base, **kw})  # type: ignore[arg-type]
 
     @classmethod
+    def d3hr(cls, ipc: int = 10, nclass: int = 10, **kw: object) -> TrainConfig:
+        """D3HR ``validate_hardlabel.py`` (PROTOCOLS.md §3.3): AdamW 1e-3 wd 0.01, half cosine per
+        epoch, RRC(0.08, 1) + flip, mixup (alpha 1) on every batch, epochs 2000/1500/1000 by IPC,
+        batch 50 (IPC 10) or 100; best accuracy over the last ~100 epochs (tested every epoch there)."""
+        epochs = int(kw.get("epochs", epochs_for_ipc(ipc, "d3hr", nclass)))  # type: ignore[call-overload]
+        base: dict[str, object] = {
+            "epochs": epochs,
+            "batch_size": 50 if ipc <= 10 else 100,
+            "schedule": "half_cosine",
+            "augment": "rrc_flip",
+            "rrc_scale": (0.08, 1.0),
+            "mix": "mixup",
+            "eval_every": 1,
+            "eval_after": max(0.0, 1.0 - 100 / epochs),
+        }
+        return cls(**{**base, **kw})  # type: ignore[arg-type]
+
+    @classmethod
     def rded(cls, ipc: int = 10, nclass: int = 10, arch: str = "resnet18", **kw: object) -> TrainConfig:
         """RDED ``validation/main.py`` soft label: 300 epochs, AdamW (lr per student), wd 0.01 off
         norms/biases, half cosine, ShufflePatches + RRC(0.5, 1) + flip, CutMix, T = 20, evaluate
