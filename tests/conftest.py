@@ -79,7 +79,9 @@ def small_overrides(model_dir: Path, out_dir: Path, cache: Path, **extra: str) -
     """Overrides for a reduced distill run on digits (tiny model, few steps, short evaluation)."""
     ov = {
         "model.path": str(model_dir), "out_dir": str(out_dir), "cache_dir": str(cache), "ipc": "2",
-        "sampler.steps": "5", "sampler.batch_size": "2", "eval.epochs": "2", "eval.seeds": "[0]", "eval.archs": "[convnet]",
+        "sampler.steps": "5", "sampler.batch_size": "2",
+        "eval": "digits",  # the CPU preset also for dataset=imagefolder (whose default is the 224-px IGD protocol)
+        "eval.epochs": "2", "eval.seeds": "[0]", "eval.archs": "[convnet]",
         "eval.tsne": "false", "eval.max_test": "100",
     }
     ov.update(extra)
