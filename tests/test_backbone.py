@@ -37,17 +37,26 @@ def test_save_load_round_trip_same_outputs(tiny_dit_dir, bb):
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
-def test_pinned_output_slice(bb):
-    """A pinned slice of the tiny model's output: catches silent changes in loading or conditioning."""
+def test_pinned_output_slice():
+    """Pinned outputs of the packaged digits DiT (shipped weights, so the values do not depend on any
+    random init): catches silent changes in loading, timestep or class conditioning, and CFG."""
+    packaged = load_backbone({"type": "dit", "path": None})
     x = torch.linspace(-1, 1, 64).reshape(1, 1, 8, 8)
     with torch.no_grad():
-        out = bb.eps(x, 500, torch.tensor([3]))
+        out = packaged.eps(x, 500, torch.tensor([3]))  # (1, 1, 8, 8)
+        guided = packaged.eps(x, 500, torch.tensor([3]), cfg_scale=2.0)
+        other_class = packaged.eps(x, 500, torch.tensor([4]))
     assert out.shape == (1, 1, 8, 8)
-    assert torch.isfinite(out).all()
-    # the same call twice is bit-identical (deterministic CPU forward)
+    pinned_row0 = [-0.472253, -0.495097, -1.187007, -1.798484, -1.686846, -0.545341, -0.173684, -0.125784]
+    pinned_row7 = [2.032145, 1.942351, 1.168793, 0.555901, 0.419532, 0.674442, 1.133531, 1.769890]
+    pinned_cfg2 = [-0.533022, -0.528793, -1.433621, -2.166256, -2.672170, -0.847460, -0.188027, -0.156223]
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor(pinned_row0), rtol=0, atol=1e-4)
+    torch.testing.assert_close(out[0, 0, 7], torch.tensor(pinned_row7), rtol=0, atol=1e-4)
+    torch.testing.assert_close(guided[0, 0, 0], torch.tensor(pinned_cfg2), rtol=0, atol=1e-4)
+    assert (other_class - out).abs().max() > 0.5  # the class label reaches the output
     with torch.no_grad():
-        again = bb.eps(x, 500, torch.tensor([3]))
-    assert torch.equal(out, again)
+        again = packaged.eps(x, 500, torch.tensor([3]))
+    assert torch.equal(out, again)  # deterministic CPU forward
 
 
 def test_layer_shapes_documented(bb):

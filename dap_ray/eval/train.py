@@ -456,6 +456,13 @@ def train_teacher(
     return model
 
 
+def soft_label_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """RDED's soft-label loss: KL(softmax(teacher / T) || softmax(student / T)) summed over the K
+    classes and averaged over the B images (``batchmean``), without a T^2 factor. (B, K) x 2 -> ()."""
+    target = F.softmax(teacher_logits / temperature, dim=1)  # (B, K)
+    return F.kl_div(F.log_softmax(student_logits / temperature, dim=1), target, reduction="batchmean")
+
+
 def train_soft_label(
     x_train: Tensor,
     y_train: Tensor,
@@ -486,8 +493,8 @@ def train_soft_label(
 
     def kl_loss(logits: Tensor, _y: Tensor, _partner: Tensor | None, _lam: float, xb: Tensor) -> Tensor:
         with torch.no_grad():
-            target = F.softmax(teacher(xb) / temp, dim=1)  # (B, K)
-        return F.kl_div(F.log_softmax(logits / temp, dim=1), target, reduction="batchmean")
+            teacher_logits = teacher(xb)  # (B, K)
+        return soft_label_loss(logits, teacher_logits, temp)
 
     with _seeded(seed, device):
         model = build_model(arch, k, x_train, cfg).to(device)
