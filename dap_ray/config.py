@@ -104,6 +104,20 @@ class BankConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """The soft-label teacher: pretrained weights (RDED's way, PROTOCOLS.md §4.1) or trained here."""
+
+    path: str | None = None  # local/s3 .safetensors of a pretrained `library` `arch`; null = train one here (not comparable to the papers)
+    library: str = "torchvision"  # torchvision | timm: whose `arch` the weights belong to (only with path)
+    arch: str = "resnet18"  # with path: a torchvision/timm model name; without: one of our eval nets
+    classes: list[int] | None = None  # classifier rows of the subset's classes, in class order (RDED pruning_classifier); null = auto
+    epochs: int = 50  # a teacher trained here: IGD's surrogate budget (train_ckpt.sh)
+
+
+TEACHER_LIBRARIES = ("torchvision", "timm")
+
+
+@dataclass
 class EvalConfig:
     name: str = "custom"  # the protocol preset (configs/eval/<name>.yaml), named after its source; shown in report.md
     source: str = ""  # where the preset comes from (a PROTOCOLS.md section), shown in report.md
@@ -119,8 +133,7 @@ class EvalConfig:
     lr: float | None = None  # null = the recipe's
     eval_every: int | None = None  # test every k epochs (the best is reported, as the peers do); null = the recipe's
     augment: str | None = None  # null = the recipe's (idc: rrc+flip+jitter+lighting); e.g. "rrc+jitter" for digits
-    teacher_arch: str = "resnet18"
-    teacher_epochs: int = 30
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     temperature: float | None = None  # soft label; null = the recipe's (RDED: 20)
     tsne: bool = True
     max_test: int | None = None  # cap on test images (null = all)
@@ -254,13 +267,15 @@ def validate(cfg: Any) -> None:
         ops = [o for o in str(e.augment).split("+") if o]
         _check(e.augment in AUGMENT_PRESETS or (ops and all(o in AUGMENT_OPS for o in ops)), "eval.augment", e.augment,
                f"a preset ({', '.join(AUGMENT_PRESETS)}) or '+'-joined ops from {', '.join(AUGMENT_OPS)}")
-    _check(e.teacher_epochs >= 1, "eval.teacher_epochs", e.teacher_epochs, "an integer >= 1")
+    _check(e.teacher.epochs >= 1, "eval.teacher.epochs", e.teacher.epochs, "an integer >= 1")
+    _choice("eval.teacher.library", e.teacher.library, TEACHER_LIBRARIES)
     _check(e.temperature is None or e.temperature > 0, "eval.temperature", e.temperature, "null or a number > 0")
     _check(e.max_test is None or e.max_test >= 1, "eval.max_test", e.max_test, "null or an integer >= 1")
     if e.archs:
         for a in e.archs:
             _choice("eval.archs", a, NETS)
-        _choice("eval.teacher_arch", e.teacher_arch, NETS)
+        if not e.teacher.path:
+            _choice("eval.teacher.arch", e.teacher.arch, NETS)
     r = cfg.runtime
     _check(r.num_cpus is None or r.num_cpus >= 1, "runtime.num_cpus", r.num_cpus, "null (all of this machine's) or an integer >= 1")
     for key in ("sampler_actors", "bank_actors"):

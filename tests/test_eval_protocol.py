@@ -186,3 +186,57 @@ def test_reduced_224px_hard_label_run_on_a_tiny_imagefolder(ray_session, cache_d
     assert "protocol igd_hard_label" in table
     md = (tmp_path / "report.md").read_text()
     assert "Protocol: `igd_hard_label` (PROTOCOLS.md §3.2" in md and "Not comparable" not in md
+
+
+def test_soft_label_with_a_saved_pretrained_teacher_sliced_to_two_classes(ray_session, cache_dir, tmp_path):
+    """eval.teacher.path: a torchvision ResNet-18 saved as safetensors (5 classes) is loaded, its
+    classifier cut to rows [3, 1] for the 2-class subset (RDED's pruning_classifier), and students
+    train on its soft labels; its content is part of every training's key; the report does not call
+    the numbers non-comparable."""
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+
+    from dap_ray.cli import compose
+    from dap_ray.config import to_structured, validate
+    from dap_ray.data import resolve_dataset
+    from dap_ray.eval.run import evaluate_sets, get_pretrained_teacher
+    from dap_ray.report import write_report
+
+    torch.manual_seed(0)
+    full = torchvision.models.resnet18(num_classes=5).eval()
+    weights = tmp_path / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(weights))
+    root = tmp_path / "data"
+    _tiny_imagefolder(root, n_good=4)
+    for bad in root.rglob("zz_*"):
+        bad.unlink()
+    ov = ["dataset=imagefolder", f"dataset.root={root}", "dataset.test_fraction=0.5", f"out_dir={tmp_path}", f"cache_dir={cache_dir}",
+          "eval=rded_soft_label", "eval.resolution=32", "eval.epochs=1", "eval.seeds=[0]", f"eval.teacher.path={weights}",
+          "eval.teacher.classes=[3,1]"]
+    cfg = to_structured(compose("distill", ov))
+    validate(cfg)
+    ds = resolve_dataset("imagefolder", str(root), None, test_fraction=0.5)
+    ref = get_pretrained_teacher(cfg, ds)
+    x = torch.rand(3, 3, 32, 32)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(ref()(x), full((x - mean) / std)[:, [3, 1]], atol=1e-5)  # the subset's rows, in class order
+
+    rows = evaluate_sets(cfg, ds, {"real2": ds.train[:2] + ds.train[-2:]}, str(tmp_path / "eval"), str(cache_dir), progress=False)
+    assert [(r["arch"], r["status"], r["protocol"]) for r in rows] == [("resnet18", "ok", "soft_label")]
+    assert rows[0]["config"]["teacher"] == ref.key and ref.key.startswith("pretrained:torchvision:resnet18:")
+    write_report(cfg, str(tmp_path), {"rows": rows, "classes": list(ds.classes)})
+    md = (tmp_path / "report.md").read_text()
+    assert "Protocol: `rded_soft_label`" in md and "Not comparable" not in md
+
+    # a teacher trained here (no path) is possible, but the report says its numbers are not the papers'
+    cfg_here = to_structured(compose("distill", [o for o in ov if not o.startswith("eval.teacher")]))
+    write_report(cfg_here, str(tmp_path), {"rows": rows, "classes": list(ds.classes)})
+    assert "Not comparable to the papers' tables**: its teacher was trained here" in (tmp_path / "report.md").read_text()
+
+    # rows that do not fit are exit-2 config errors naming the key
+    from dap_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.teacher.classes"):
+        get_pretrained_teacher(to_structured(compose("distill", [*ov, "eval.teacher.classes=[7,1]"])), ds)

@@ -21,6 +21,7 @@ import torch
 
 from dap_ray.data import BadImageError, decode_image, distilled_records, load_images, read_bytes
 from dap_ray.data.types import DatasetSplits, ImageRecord
+from dap_ray.errors import ConfigError, UserError
 from dap_ray.storage import expand, filesystem, write_bytes
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,108 @@ class TeacherRef:
         return model.eval().requires_grad_(False)
 
 
+def _classifier_name(model: torch.nn.Module) -> str:
+    """Name of the last Linear layer: the classifier of torchvision and timm image models."""
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not names:
+        raise UserError(f"{type(model).__name__} has no Linear classifier to slice")
+    return names[-1]
+
+
+def build_pretrained(library: str, arch: str, num_classes: int = 1000) -> torch.nn.Module:
+    """A torchvision or timm model `arch`, random init, never downloading weights."""
+    if library == "timm":
+        import timm
+
+        try:
+            return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+        except RuntimeError as e:
+            raise ConfigError("eval.teacher.arch", arch, "a timm model name (timm.list_models())") from e
+    import torchvision
+
+    try:
+        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    except ValueError as e:
+        raise ConfigError("eval.teacher.arch", arch, "a torchvision model name (torchvision.models.list_models())") from e
+
+
+class PretrainedTeacherRef:
+    """A pretrained torchvision/timm classifier from a safetensors file, its classifier cut to the
+    subset's rows (RDED ``synthesize/utils.py`` ``pruning_classifier``), ImageNet normalisation in
+    front; rebuilt inside each evaluation task."""
+
+    def __init__(self, library: str, arch: str, path: str, rows: list[int], key: str):
+        self.library, self.arch, self.path, self.rows, self.key = library, arch, path, rows, key
+
+    def __call__(self) -> torch.nn.Module:
+        from safetensors.torch import load as st_load
+
+        from dap_ray.eval.nets import IMAGENET_MEAN, IMAGENET_STD, Normalized
+
+        state = st_load(read_bytes(self.path))
+        head = _classifier_name(build_pretrained(self.library, self.arch, 1000))
+        model = build_pretrained(self.library, self.arch, int(state[f"{head}.weight"].shape[0]))
+        model.load_state_dict(state)
+        old = model.get_submodule(head)
+        idx = torch.tensor(self.rows)
+        cut = torch.nn.Linear(old.in_features, len(self.rows), bias=old.bias is not None)
+        with torch.no_grad():
+            cut.weight.copy_(old.weight[idx])  # (K_subset, D) rows of the subset's classes
+            if old.bias is not None:
+                cut.bias.copy_(old.bias[idx])
+        parent, _, leaf = head.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, cut)
+        return Normalized(model, IMAGENET_MEAN, IMAGENET_STD).eval().requires_grad_(False)
+
+
+def teacher_rows(cfg: Any, dataset: DatasetSplits, n_rows: int) -> list[int]:
+    """The teacher's classifier rows of the dataset's classes, in class order: eval.teacher.classes,
+    else every row when the teacher has exactly the subset's classes, else the ImageNet-1K index of
+    each class's wnid (a 1000-class teacher on an ImageNet subset)."""
+    from dap_ray.data import get_imagenet_index
+
+    given = cfg.eval.teacher.classes
+    nclass = len(dataset.classes)
+    if given is not None:
+        rows = [int(r) for r in given]
+        if len(rows) != nclass or not all(0 <= r < n_rows for r in rows):
+            raise ConfigError("eval.teacher.classes", rows, f"{nclass} row indices in [0, {n_rows}), one per class in class order")
+        return rows
+    if n_rows == nclass:
+        return list(range(nclass))
+    try:
+        rows = [int(get_imagenet_index(c.key)) for c in dataset.classes]
+    except Exception as e:  # noqa: BLE001 - not wnids: the user must say which rows
+        raise ConfigError("eval.teacher.classes", None, f"a list of {nclass} classifier rows: the teacher has {n_rows} classes and the "
+                          f"dataset's are not ImageNet wnids ({e})") from e
+    if n_rows != 1000:
+        raise ConfigError("eval.teacher.classes", None, f"a list of {nclass} classifier rows (the teacher has {n_rows} classes, not 1000)")
+    return rows
+
+
+def get_pretrained_teacher(cfg: Any, dataset: DatasetSplits) -> PretrainedTeacherRef:
+    """Check the pretrained teacher once on the driver (file, architecture, rows) and key it by its content."""
+    from safetensors.torch import load as st_load
+
+    from dap_ray.config import config_hash
+
+    t = cfg.eval.teacher
+    try:
+        data = read_bytes(str(t.path))
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise ConfigError("eval.teacher.path", t.path, f"a readable .safetensors file ({type(e).__name__})") from None
+    try:
+        state = st_load(data)
+    except Exception as e:  # noqa: BLE001 - not safetensors: a user error
+        raise ConfigError("eval.teacher.path", t.path, f"a .safetensors file of {t.library} {t.arch} weights ({e})") from None
+    head = _classifier_name(build_pretrained(str(t.library), str(t.arch), 1000))
+    if f"{head}.weight" not in state:
+        raise ConfigError("eval.teacher.path", t.path, f"{t.library} {t.arch} weights (no {head}.weight in the file)")
+    rows = teacher_rows(cfg, dataset, int(state[f"{head}.weight"].shape[0]))
+    key = f"pretrained:{t.library}:{t.arch}:{hashlib.sha256(data).hexdigest()[:20]}:{config_hash(rows)}"
+    return PretrainedTeacherRef(str(t.library), str(t.arch), str(t.path), rows, key)
+
+
 def get_teacher(cfg: Any, dataset: DatasetSplits, x_real: torch.Tensor, y_real: torch.Tensor, cache_dir: str) -> TeacherRef:
     """Train the soft-label teacher on the full real training split once; cache it by content.
 
@@ -159,15 +262,16 @@ def get_teacher(cfg: Any, dataset: DatasetSplits, x_real: torch.Tensor, y_real: 
     from dap_ray.config import config_hash
     from dap_ray.eval.train import TrainConfig, train_teacher
 
-    key = config_hash({"data": dataset_fingerprint(dataset), "arch": cfg.eval.teacher_arch, "epochs": cfg.eval.teacher_epochs, "res": cfg.eval.resolution})
-    path = f"{cache_dir.rstrip('/')}/teachers/{cfg.eval.teacher_arch}-{key}.safetensors"
+    t = cfg.eval.teacher
+    key = config_hash({"data": dataset_fingerprint(dataset), "arch": t.arch, "epochs": t.epochs, "res": cfg.eval.resolution})
+    path = f"{cache_dir.rstrip('/')}/teachers/{t.arch}-{key}.safetensors"
     fs, p = filesystem(path)
     if not fs.exists(p):
-        log.info("training the %s teacher on %d real images (cached at %s)", cfg.eval.teacher_arch, len(x_real), path)
-        model = train_teacher(x_real, y_real, cfg.eval.teacher_arch, TrainConfig.teacher(epochs=int(cfg.eval.teacher_epochs)), seed=0)
+        log.info("training the %s teacher on %d real images (cached at %s)", t.arch, len(x_real), path)
+        model = train_teacher(x_real, y_real, t.arch, TrainConfig.teacher(epochs=int(t.epochs)), seed=0)
         fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
         write_bytes(fs, p, st_save({k: v.contiguous() for k, v in model.state_dict().items()}))  # local: temp + rename
-    return TeacherRef(cfg.eval.teacher_arch, len(dataset.classes), int(cfg.eval.resolution), path, f"trained:{cfg.eval.teacher_arch}-{key}")
+    return TeacherRef(t.arch, len(dataset.classes), int(cfg.eval.resolution), path, f"trained:{t.arch}-{key}")
 
 
 def _error_line(e: BaseException) -> str:
@@ -180,7 +284,7 @@ def _error_line(e: BaseException) -> str:
     return f"{type(cause).__name__}: {lines[0].strip() if lines else ''}"[:300]
 
 
-def training_key(cfg: Any, arch: str, seed: int, tc: Any, real_fp: str, set_fp: str, teacher: TeacherRef | None) -> tuple[str, dict]:
+def training_key(cfg: Any, arch: str, seed: int, tc: Any, real_fp: str, set_fp: str, teacher: TeacherRef | PretrainedTeacherRef | None) -> tuple[str, dict]:
     """(hash, parts) of everything that shapes one training's accuracy: the protocol and recipe, the
     net, the image size and test transform, the full training config (lr, epochs, batch size,
     augmentation, schedule, ...), the teacher, the real test data and the distilled set's content.
@@ -234,7 +338,9 @@ def evaluate_sets(
     fs, rdir = fsspec.core.url_to_fs(results_dir)
     fs.makedirs(rdir, exist_ok=True)
     teacher = None
-    if cfg.eval.protocol == "soft_label":
+    if cfg.eval.protocol == "soft_label" and cfg.eval.teacher.path:
+        teacher = get_pretrained_teacher(cfg, dataset)
+    elif cfg.eval.protocol == "soft_label":
         x_real, y_real = load_split(dataset.train, res)
         teacher = get_teacher(cfg, dataset, x_real, y_real, cache_dir)
     x_test_ref, y_test_ref = ray.put(test.images), ray.put(y_test)
