@@ -12,8 +12,8 @@ from PIL import Image
 
 from dap_ray.backbones import load_backbone, model_fingerprint
 from dap_ray.bank import BankSpec, build_bank, featurize, load_bank
-from dap_ray.data import resolve_dataset
-from dap_ray.sampling import schedule
+from dap_ray.data import DatasetSplits, resolve_dataset
+from dap_ray.ddim import schedule
 
 pytestmark = pytest.mark.integration
 
@@ -104,17 +104,21 @@ def test_same_bank_for_actors_and_batch_sizes(setup, ray_session, tmp_path):
 
 def test_bad_files_are_skipped_and_listed(setup, ray_session, tmp_path):
     ds, _, spec = setup
+    # every file in the training split, so each bad file really reaches the bank (a random split
+    # could put one in the test split, where the bank never reads it)
+    ds = DatasetSplits(ds.name, ds.root, list(ds.classes), sorted(ds.train + ds.test, key=lambda r: r.id), [])
+    train_names = {r.path.rsplit("/", 1)[-1] for r in ds.train}
+    assert {"zero.jpg", "text.jpg", "trunc.jpg"} <= train_names
     bank = build_bank(spec, ds, str(tmp_path), num_actors=1, progress=False)
     skipped = dict(bank.skipped)
     names = {p.rsplit("/", 1)[-1]: r for p, r in skipped.items()}
-    train_names = {r.path.rsplit("/", 1)[-1] for r in ds.train}
     for bad, reason in (("zero.jpg", "zero-byte"), ("text.jpg", "not an image"), ("trunc.jpg", "truncated")):
-        if bad in train_names:
-            assert names[bad].startswith(reason), names
+        assert names[bad].startswith(reason), names
+    assert len(names) == 3
     for good in ("gray.png", "rgba.png", "deep16.png"):
         assert good not in names
     usable = sum(1 for r in ds.train if r.path.rsplit("/", 1)[-1] not in ("zero.jpg", "text.jpg", "trunc.jpg"))
-    assert bank.stats.count.sum() == usable
+    assert bank.stats.count.sum() == usable == 21 + 3
 
 
 def test_parquet_reads_back_with_plain_pyarrow(setup, ray_session, tmp_path):

@@ -337,6 +337,20 @@ def _graph_size(t: torch.Tensor) -> int:
     return len(seen)
 
 
+def _saved_bytes(fn) -> tuple[torch.Tensor, int]:
+    """fn() and the bytes autograd keeps for its backward pass (what a guided step holds in memory)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total
+
+
 def test_guidance_cost_does_not_depend_on_the_number_of_real_images(sd):
     """The mean-embedding form: a class is (D,) statistics whatever N, so the energy's inputs and its
     autograd graph (hence DAP's GPU memory per step) are the same for 2 or 12 real images per class;
@@ -345,22 +359,29 @@ def test_guidance_cost_does_not_depend_on_the_number_of_real_images(sd):
     from dap_ray.methods.dap import DAPGuidance
 
     x, y = _latents(2, seed=3), torch.tensor([0, 0])
-    sizes, shapes = [], []
+    sizes, shapes, memory = [], [], []
     for n in (2, 12):
         bank, per_sample, labels = _bank(sd, n)
         stats = bank.class_stats("mid", 0, 801)
         shapes.append({k: tuple(v.shape) for k, v in stats.items()})
         assert stats["mean"].shape == (16 * 16,) and int(stats["count"]) == n
         g = DAPGuidance(bank, "mid", "linear", gamma=5.0, t_stop=0, pooling="tokens")
+        real = torch.from_numpy(per_sample[labels == 0, 0]).double()  # (n, D)
         with torch.enable_grad():
             xg = x.clone().requires_grad_(True)
-            e = g.energy(sd, xg, 801, y)  # (2,)
+            e, saved = _saved_bytes(lambda g=g, xg=xg: g.energy(sd, xg, 801, y))  # (2,)
             sizes.append(_graph_size(e.sum()))
-        phi = sd.features(x, 801, y, ["mid"])["mid"].flatten(1)  # (2, D)
-        brute = energy_exact(phi.double(), torch.from_numpy(per_sample[labels == 0, 0]).double())
-        torch.testing.assert_close(e.detach().double(), brute, rtol=1e-4, atol=1e-6)
+            xb = x.clone().requires_grad_(True)
+            brute, brute_saved = _saved_bytes(
+                lambda xb=xb, real=real: energy_exact(sd.features(xb, 801, y, ["mid"])["mid"].flatten(1).double(), real))
+        memory.append((saved, brute_saved))
+        torch.testing.assert_close(e.detach().double(), brute.detach(), rtol=1e-4, atol=1e-6)
     assert shapes[0] == shapes[1]
     assert sizes[0] == sizes[1]
+    # what the guided step keeps for backward: the same bytes for 2 or 12 real images per class ...
+    assert memory[0][0] == memory[1][0] > 0
+    # ... while the brute-force energy over all N features keeps more with N (the measure can see growth)
+    assert memory[1][1] - memory[0][1] >= (12 - 2) * 16 * 16 * 8
 
 
 # ---------------------------------------------------------------------------------------------- end to end
