@@ -302,7 +302,7 @@ def fmt_bytes(n: float | None) -> str:
 
 
 def default_config(model_path: str | None = None):
-    """The embedded default run's composed config (configs/distill.yaml), optionally with another model
+    """The embedded default run's composed config (dap_ray/conf/distill.yaml), optionally with another model
     path: benchmarks take their knobs (steps, CFG, γ, t_stop, layer, batch sizes) from it."""
     ensure_repo_on_path()
     from dap_ray.cli import compose

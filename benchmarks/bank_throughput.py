@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--per-class", type=int, default=None,
                    help="real images per class (default: all 1,437 training digits, the default run's bank)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps = bank timesteps (default 50, the sampler's)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default 64, configs/bank)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default 64, dap_ray/conf/bank)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 2)")
     p.add_argument("--actors", type=int, nargs="+", default=[1, 2], help="Ray bank actor counts to time")
     p.add_argument("--worker-niceness", type=int, nargs="+", default=None,

@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cpu-dry-run", action="store_true", help="run the code path on a tiny DiT on the CPU (figures meaningless)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the built-in table")
     p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 5)")
-    p.add_argument("--layer", default="8", help="guidance layer (configs/model/dit_xl2_256: 8)")
+    p.add_argument("--layer", default="8", help="guidance layer (dap_ray/conf/model/dit_xl2_256: 8)")
     args = p.parse_args(argv)
     info = machine_info()
     cmd = command_line("gpu.py", argv)

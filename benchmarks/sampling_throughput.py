@@ -1,7 +1,7 @@
 """Sampling throughput: vanilla vs DAP with our sampler, and our vanilla sampler vs diffusers' DiTPipeline.
 
 All three run the digits DiT in this process, on the same batch (one class, as a work item is), with
-the default run's knobs (configs/: DDIM steps, CFG scale, batch size, γ, t_stop, layer):
+the default run's knobs (dap_ray/conf/: DDIM steps, CFG scale, batch size, γ, t_stop, layer):
 
 * **vanilla**: `dap_ray.sampling.sample_latents` without guidance, then `backbone.decode`;
 * **DAP**: the same call with `DAPGuidance` on a real bank (`build_bank` over the digits training set,
@@ -136,8 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="diffusers DiT directory (default: the packaged digits DiT)")
     p.add_argument("--cache-dir", default=None, help="dap_ray cache holding the digits data and the bank (default: the run's, ~/.cache/dap_ray)")
     p.add_argument("--bank-per-class", type=int, default=None, help="build the bank over this many images per class (default: all)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: configs/sampler)")
-    p.add_argument("--batch", type=int, default=None, help="images per batch (default: configs/sampler)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: dap_ray/conf/sampler)")
+    p.add_argument("--batch", type=int, default=None, help="images per batch (default: dap_ray/conf/sampler)")
     args = p.parse_args(argv)
     quick = args.quick
     repeats = args.repeats or (1 if quick else 7)

@@ -1,6 +1,6 @@
-"""Structured configs: the schema every Hydra YAML under configs/ is validated against.
+"""Structured configs: the schema every Hydra YAML under dap_ray/conf/ is validated against.
 
-Read top to bottom, nanoGPT style. Every group of configs/ (dataset/ model/ method/ sampler/ bank/
+Read top to bottom, nanoGPT style. Every group of dap_ray/conf/ (dataset/ model/ method/ sampler/ bank/
 eval/ tune/ runtime/) has one dataclass here; composing merges the YAMLs into these dataclasses, so
 an unknown key is an error (OmegaConf struct mode) and a value of the wrong type is an error. Range
 checks live in `validate()`, and every failure is a `ConfigError` naming the key, the value and what
@@ -22,9 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from dap_ray.errors import ConfigError, UserError
 from dap_ray.registry import AUGMENT_OPS, AUGMENT_PRESETS, METHODS, NETS
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-if not CONFIG_DIR.is_dir():  # installed (non-editable) package: configs ship inside it
-    CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "conf"  # the shipped Hydra configs: package data, in the wheel too
 
 DATASETS = ("digits", "imagefolder")
 MODEL_TYPES = ("dit", "sd")
@@ -119,7 +117,7 @@ TEACHER_LIBRARIES = ("torchvision", "timm")
 
 @dataclass
 class EvalConfig:
-    name: str = "custom"  # the protocol preset (configs/eval/<name>.yaml), named after its source; shown in report.md
+    name: str = "custom"  # the protocol preset (dap_ray/conf/eval/<name>.yaml), named after its source; shown in report.md
     source: str = ""  # where the preset comes from (a PROTOCOLS.md section), shown in report.md
     comparable: bool = False  # true only for presets that run a paper's protocol, so its numbers sit beside the paper's
     protocol: str = "hard_label"  # hard_label | soft_label
@@ -146,7 +144,7 @@ class RuntimeConfig:
     sampler_actors: int | None = None  # null = auto: one per GPU (GPU actors) or per cpus_per_actor CPUs (at most 4); more than fit shrink
     bank_actors: int | None = None  # null = auto, as sampler_actors (each actor holds its own copy of the model)
     wait_for_nodes_s: float = 0.0  # an autoscaling cluster: wait this long for nodes before sizing the actor pools
-    gpus_per_actor: float = 0.0  # set > 0 on a GPU cluster (configs/runtime/gpu.yaml)
+    gpus_per_actor: float = 0.0  # set > 0 on a GPU cluster (conf/runtime/gpu.yaml)
     gpus_per_eval: float = 0.0
     cpus_per_actor: float = 1.0
     cpus_per_eval: float = 1.0

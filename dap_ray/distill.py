@@ -56,7 +56,8 @@ def method_hash(cfg: Any, method: str, classes: Sequence[ClassInfo]) -> str:
     return config_hash(OmegaConf.create(OmegaConf.to_container(OmegaConf.create(parts), resolve=True)))
 
 
-def _check_method_dir(run_dir: str, method: str, h: str) -> None:
+def _check_method_dir(run_dir: str, method: str, h: str, *, write: bool = True) -> None:
+    """Refuse a method folder made with another config; with write, record this config's hash."""
     fs, p = fsspec.core.url_to_fs(f"{run_dir}/{method}/config_hash.txt")
     if fs.exists(p):
         old = fs.cat_file(p).decode().strip()
@@ -65,7 +66,7 @@ def _check_method_dir(run_dir: str, method: str, h: str) -> None:
                 f"{run_dir}/{method} holds images made with a different config (hash {old}, now {h}); "
                 "use another out_dir or delete that folder"
             )
-    else:
+    elif write:
         fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
         write_bytes(fs, p, (h + "\n").encode())  # atomic: a kill mid-write must not leave an empty hash
 
@@ -92,14 +93,26 @@ def write_manifest(run_dir: str, method: str, rows: list[dict], h: str) -> str:
     return path
 
 
+def check_locations(cfg: Any) -> None:
+    """Every place the run reads or writes, checked before anything is read or written: exit 2 with
+    one line (a file as out_dir, no S3 credentials, a missing bucket), never a traceback later."""
+    from dap_ray.runtime import check_storage
+
+    for key in ("out_dir", "cache_dir"):
+        check_storage(expand(cfg[key]), key)
+    if cfg.dataset.name == "imagefolder" and "://" in str(cfg.dataset.root or ""):
+        check_storage(str(cfg.dataset.root), "dataset.root")
+
+
 def prepare(cfg_raw: Any) -> tuple[Any, Any, Any]:
-    """Validate the config, resolve the dataset, load the backbone on the driver."""
+    """Validate the config and its locations, resolve the dataset, load the backbone on the driver."""
     from dap_ray.backbones import load_backbone
     from dap_ray.data import resolve_dataset
 
     cfg = to_structured(cfg_raw)
     validate(cfg)
     resolve_dtype(cfg)  # sampler.dtype=auto -> bf16 / fp32, once, for every actor, hash and cache key
+    check_locations(cfg)
     ds = cfg.dataset
     dataset = resolve_dataset(ds.name, ds.root, OmegaConf.to_container(ds.classes) if OmegaConf.is_config(ds.classes) else ds.classes,
                               train_dir=ds.train_dir, test_dir=ds.test_dir, test_fraction=ds.test_fraction, seed=ds.split_seed,
@@ -116,25 +129,24 @@ def prepare(cfg_raw: Any) -> tuple[Any, Any, Any]:
 def run(cfg_raw: Any) -> int:
     from dap_ray.data import write_skipped_csv
     from dap_ray.methods import RunContext, get_method
-    from dap_ray.runtime import check_storage, init_ray, resolve_actor_counts
+    from dap_ray.runtime import init_ray, resolve_actor_counts
 
     t_start = time.time()
     cfg, dataset, backbone = prepare(cfg_raw)
-    for key in ("out_dir", "cache_dir"):  # a missing s3:// bucket: exit 2 now, not a new bucket
-        check_storage(expand(cfg[key]), key)
     run_dir = expand(cfg.out_dir)
     methods = [get_method(m) for m in cfg.methods]
     # once per method: DIVER's hash lists its source folder (a remote listing on S3)
     hashes = {m.name: method_hash(cfg, m.name, dataset.classes) for m in methods} if "sample" in cfg.stages else {}
     for name, h in hashes.items():  # refuse a changed config now: before the bank, before config.yaml is overwritten
-        _check_method_dir(run_dir, name, h)
+        _check_method_dir(run_dir, name, h, write=False)
+    log.info("dataset: %s, %d classes, %d train / %d test images", dataset.name, len(dataset.classes), len(dataset.train), len(dataset.test))
+    ray_info = init_ray(cfg.runtime)
+    resolve_actor_counts(cfg.runtime)
+    # Ray is up: only now is anything written to out_dir, so a refused or failed start leaves it as it was
     fs, rp = fsspec.core.url_to_fs(run_dir)
     fs.makedirs(rp, exist_ok=True)
     fs.pipe_file(f"{rp}/config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
     log.info("run directory: %s", run_dir)
-    log.info("dataset: %s, %d classes, %d train / %d test images", dataset.name, len(dataset.classes), len(dataset.train), len(dataset.test))
-    ray_info = init_ray(cfg.runtime)
-    resolve_actor_counts(cfg.runtime)
     ray_info = {**ray_info, "bank_actors": int(cfg.runtime.bank_actors), "sampler_actors": int(cfg.runtime.sampler_actors)}
     log.info("ray: %s", ray_info)
     timings: dict[str, float] = {}
@@ -204,6 +216,8 @@ def run(cfg_raw: Any) -> int:
         table = write_report(cfg, run_dir, results, extra)
         print(table)
     log.info("done in %.0fs; outputs in %s", time.time() - t_start, run_dir)
+    if "report" in cfg.stages and results is not None:
+        print(f"report: {run_dir}/report.md")  # the last line: where to look
     return 0
 
 

@@ -72,6 +72,7 @@ def run(cfg_raw: Any) -> int:
     fsr.makedirs(rp, exist_ok=True)
     fsr.pipe_file(f"{rp}/config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
     print(write_report(cfg, run_dir, results, {"data": cfg.data, "skipped": len(skipped)}, image_root=cfg.data))
+    print(f"report: {run_dir}/report.md")  # the last line: where to look
     return 0
 
 

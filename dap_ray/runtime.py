@@ -301,26 +301,54 @@ def init_ray(runtime: Any | None = None, *, quiet: bool = True) -> dict:
         return dict(_info)
 
 
-def check_storage(url: str, key: str) -> None:
-    """Fail early, with one line naming the key, when an s3:// location's bucket is missing or
-    cannot be accessed with the credentials of the environment.
+S3_CREDENTIALS_HOW = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for MinIO or another "
+                      "S3-compatible endpoint), or AWS_PROFILE with ~/.aws/credentials")
 
-    Why: s3fs's makedirs silently *creates* a missing bucket (a typo in out_dir becomes a new
-    bucket), and a credential problem would otherwise surface as a traceback inside a later stage.
-    Local paths are created by the stages themselves and need no check.
+
+def check_storage(url: str, key: str) -> None:
+    """Fail early, with one line naming the key and what to do, when a location cannot be used;
+    creates nothing.
+
+    Local: an existing file, or a folder that cannot be created (under a file, no permission).
+    S3: no credentials (botocore finds none in the environment, a profile or an instance role), a
+    bucket that cannot be accessed, or one that does not exist. Why: s3fs's makedirs silently
+    *creates* a missing bucket (a typo in out_dir becomes a new bucket), and with no credentials
+    s3fs answers "does not exist", which sends the user looking for the wrong problem.
     """
-    if not str(url).startswith(("s3://", "s3a://")):
+    url = str(url)
+    if "://" not in url or url.startswith("file://"):
+        check_local_dir(url.removeprefix("file://"), key)
         return
+    if not url.startswith(("s3://", "s3a://")):
+        return
+    import botocore.session
+
+    if botocore.session.get_session().get_credentials() is None:
+        raise UserError(f"{key}={url}: no S3 credentials found; {S3_CREDENTIALS_HOW}")
     fs, path = filesystem(url)
     bucket = path.split("/", 1)[0]
     try:
         exists = fs.exists(bucket)
-    except Exception as e:  # noqa: BLE001 - no credentials, access denied, endpoint unreachable
+    except Exception as e:  # noqa: BLE001 - access denied, endpoint unreachable
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(f"{key}={url}: cannot access bucket {bucket!r} ({type(e).__name__}: {first})") from None
     if not exists:
         raise UserError(f"{key}={url}: bucket {bucket!r} does not exist (or these credentials cannot see it); "
                         "create it first, dap_ray never creates buckets")
+
+
+def check_local_dir(path: str, key: str) -> None:
+    """A local folder that exists or can be created by this user; creates nothing."""
+    p = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise UserError(f"{key}={path} is an existing file, not a folder; choose a folder path (created if missing)")
+    parent = p
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{key}={path} cannot be created: {parent} is a file; choose a folder path that is not under a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{key}={path} cannot be created or written: no write permission in {parent}; choose a folder you can write")
 
 
 def device_for(gpus: float) -> str:

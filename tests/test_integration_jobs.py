@@ -62,7 +62,7 @@ def test_address_config_wins_then_ray_address(tmp_path):
     assert runtime._existing_cluster_address("10.0.0.9:6379", env, no_file) == "10.0.0.9:6379"
     assert runtime._existing_cluster_address(None, env, no_file) == "10.0.0.5:6379"  # what `ray job submit` sets
     assert runtime._existing_cluster_address("", env, no_file) == "10.0.0.5:6379"
-    assert runtime._existing_cluster_address("auto", {}, no_file) == "auto"  # configs/runtime/gpu.yaml
+    assert runtime._existing_cluster_address("auto", {}, no_file) == "auto"  # dap_ray/conf/runtime/gpu.yaml
     assert runtime._existing_cluster_address("local", env, no_file) is None  # explicitly private
     assert runtime._existing_cluster_address(None, {"RAY_ADDRESS": "  "}, no_file) is None
     assert runtime._existing_cluster_address(None, {}, no_file) is None

@@ -396,7 +396,7 @@ def test_runtime_env_excludes_as_ray_applies_them(tmp_path):
     kept = [
         "dap_ray/config.py",
         "dap_ray/zoo",
-        "configs/distill.yaml",
+        "dap_ray/conf/distill.yaml",
         "jobs/runtime_env.yaml",
         "pyproject.toml",
         "benchmarks/bench_bank.py",

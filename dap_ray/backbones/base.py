@@ -9,6 +9,7 @@ guidance gradient cheap: backward runs through blocks 0..ℓ only.
 from __future__ import annotations
 
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -58,8 +59,11 @@ def resolve_model_dir(path: str | None, default: Path | None = None) -> Path:
             raise UserError("model.path is required: a local diffusers directory")
         return default
     p = Path(path).expanduser()
+    if not p.exists() and HUB_ID.fullmatch(str(path)):
+        return hub_snapshot(str(path))
     if not p.exists():
-        raise UserError(f"model.path={path!r} does not exist (a local diffusers directory or HF cache dir is expected)")
+        raise UserError(f"model.path={path!r} does not exist (a local diffusers directory, a HF cache dir "
+                        "models--org--name, or a Hub id org/name that is in the local Hugging Face cache)")
     if (p / "snapshots").is_dir():  # HF cache layout: models--org--name/{refs,snapshots}/<hash>
         ref = p / "refs" / "main"
         snap = p / "snapshots" / ref.read_text().strip() if ref.is_file() else None
@@ -89,6 +93,25 @@ def load_scheduler(root: Path) -> Any:
         raise UserError(f"{root}: missing scheduler/scheduler_config.json")
     # Any DDPM-family scheduler config gives the same betas; DDIM is what we sample with.
     return DDIMScheduler.from_config(read_json(sched_dir / "scheduler_config.json"))
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # org/name, as the Hub spells repo ids
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """A Hub model id (`facebook/DiT-XL-2-256`) -> its snapshot in the local Hugging Face cache
+    (HF_HOME / HF_HUB_CACHE), found without the network; when it is not there, say how to get it."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        from huggingface_hub import constants
+
+        raise UserError(f"model.path={repo_id}: not a local folder, and the Hub model {repo_id} is not in the Hugging Face "
+                        f"cache ({constants.HF_HUB_CACHE}); download it once with `hf download {repo_id}` (set HF_HOME to "
+                        "use another cache), or give a local diffusers directory") from None
 
 
 def check_safetensors(component_dir: Path, what: str) -> None:
