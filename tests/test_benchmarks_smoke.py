@@ -212,3 +212,14 @@ def test_end_to_end_quick(bench_md, tiny_dit_dir):
     body = _check_written(bench_md, before, "end_to_end", "`bank`", "`sample/dap`", "`evaluate`", "wall (subprocess",
                           "Reduced run")
     assert "bank built" in body  # the fresh cache had no bank
+
+
+def test_eval_throughput_quick(bench_md):
+    from benchmarks import eval_throughput
+
+    before = bench_md.read_text()
+    if "<!-- bench:eval_throughput -->" not in before:  # a BENCHMARKS.md from before this script
+        before += "\n<!-- bench:eval_throughput -->\nold\n<!-- /bench:eval_throughput -->\n"
+        bench_md.write_text(before)
+    assert eval_throughput.main(["--quick", "--out", str(bench_md)]) == 0
+    _check_written(bench_md, before, "eval_throughput", "| convnet6 |", "| resnetap10 |", "| resnet18_in |", "trainings / hour")

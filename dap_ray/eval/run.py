@@ -122,6 +122,7 @@ def _train_one(spec: dict, x_train, y_train, x_test, y_test, teacher_state) -> d
     torch.set_num_threads(max(1, int(spec.get("threads", 1))))
     device = "cuda" if spec["gpus"] > 0 and torch.cuda.is_available() else "cpu"
     t0 = time.time()
+    x_train, x_test, y_test = x_train.to(device), x_test.to(device), y_test.to(device)  # uint8, moved once, kept there
     if spec["protocol"] == "soft_label":
         teacher = teacher_state()
         res = train_soft_label(x_train, y_train, x_test, y_test, spec["arch"], teacher, spec["train_cfg"], spec["seed"], device)

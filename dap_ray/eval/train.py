@@ -225,6 +225,25 @@ def as_unit(x: Tensor) -> Tensor:
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
 
+def _fast(device: str | torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (tensor cores; fp32 weights and optimizer state); nothing on CPU, where
+    results stay bit-reproducible."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _layout(x: Tensor, device: str | torch.device) -> Tensor:
+    """channels_last on CUDA (the convs' fast layout with bf16); unchanged on CPU."""
+    return x.contiguous(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else x
+
+
+def on_device(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """The model on `device`; on CUDA in channels_last, matching :func:`_layout`."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else model
+
+
 def _num_classes(cfg: TrainConfig, *ys: Tensor) -> int:
     if cfg.num_classes is not None:
         return cfg.num_classes
@@ -295,7 +314,8 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, device: str = "cpu", batch_
     for s in range(0, x.shape[0], batch_size):
         xb = as_unit(x[s : s + batch_size].to(device, non_blocking=True))
         yb = y[s : s + batch_size].to(device)
-        correct += int((model(xb).argmax(1) == yb).sum())
+        with _fast(device):
+            correct += int((model(_layout(xb, device)).argmax(1) == yb).sum())
     model.train(was_training)
     return correct / max(1, x.shape[0])
 
@@ -332,7 +352,7 @@ def _fit(
         parse_pipeline(cfg.augment), seed=seed + 1, rrc_scale=cfg.rrc_scale, shuffle_factor=cfg.shuffle_factor
     )
     g_order = torch.Generator().manual_seed(seed + 2)
-    x_dev = x_train.to(device)  # (N, C, R, R): uint8, or float in [0, 1]
+    x_dev = x_train.to(device)  # (N, C, R, R): uint8, or float in [0, 1]; decoded once, kept on the device
     y_dev = y_train.to(device).long()  # (N,)
     opt = _optimizer(model, cfg)
     base_lrs = [grp["lr"] for grp in opt.param_groups]
@@ -348,8 +368,9 @@ def _fit(
             xb = aug(as_unit(x_dev.index_select(0, idx)))  # (B, C, R, R) float in [0, 1]
             yb = y_dev.index_select(0, idx)  # (B,)
             xb, partner, lam = aug.mix(xb, cfg.mix, beta=cfg.mix_beta, p=cfg.mix_p)
-            logits = model(xb)  # (B, K)
-            loss = loss_fn(logits, yb, partner, lam, xb)
+            with _fast(device):
+                logits = model(_layout(xb, device))  # (B, K)
+                loss = loss_fn(logits.float(), yb, partner, lam, xb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -421,7 +442,7 @@ def train_hard_label(
     """
     k = _num_classes(cfg, y_train, y_test)
     with _seeded(seed, device):
-        model = build_model(arch, k, x_train, cfg).to(device)
+        model = on_device(build_model(arch, k, x_train, cfg), device)
         out = _fit(model, _mixed_ce, x_train, y_train, x_test, y_test, cfg, seed, device, report)
     out.update(arch=arch, seed=seed, protocol="hard_label", num_classes=k)
     return out
@@ -447,7 +468,7 @@ def train_teacher(
     cfg = cfg or TrainConfig.teacher()
     k = _num_classes(cfg, y_real) if y_val is None else _num_classes(cfg, y_real, y_val)
     with _seeded(seed, device):
-        model = build_model(arch, k, x_real, cfg).to(device)
+        model = on_device(build_model(arch, k, x_real, cfg), device)
         out = _fit(model, _mixed_ce, x_real, y_real, x_val, y_val, cfg, seed, device, None)
     model.eval().requires_grad_(False)
     if x_val is not None:
@@ -484,7 +505,7 @@ def train_soft_label(
     Returns the same dict as :func:`train_hard_label`.
     """
     k = _num_classes(cfg, y_train, y_test)
-    teacher = teacher.to(device).eval()
+    teacher = on_device(teacher, device).eval()
     temp = cfg.temperature
     with torch.no_grad():
         k_teacher = int(teacher(as_unit(x_train[:2].to(device))).shape[1])
@@ -497,7 +518,7 @@ def train_soft_label(
         return soft_label_loss(logits, teacher_logits, temp)
 
     with _seeded(seed, device):
-        model = build_model(arch, k, x_train, cfg).to(device)
+        model = on_device(build_model(arch, k, x_train, cfg), device)
         out = _fit(model, kl_loss, x_train, y_train, x_test, y_test, cfg, seed, device, report)
     out.update(arch=arch, seed=seed, protocol="soft_label", num_classes=k, temperature=temp)
     return out
