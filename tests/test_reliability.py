@@ -394,11 +394,13 @@ RANGE_CASES = [
     (["eval.lr=0"], "eval.lr"),
     (["eval.augment=spin+flip"], "eval.augment"),
     (["eval.eval_every=0"], "eval.eval_every"),
-    (["eval.teacher_epochs=0"], "eval.teacher_epochs"),
+    (["eval.teacher.epochs=0"], "eval.teacher.epochs"),
+    (["eval.teacher.library=keras"], "eval.teacher.library"),
+    (["eval.test_resize=0.5"], "eval.test_resize"),
     (["eval.temperature=0"], "eval.temperature"),
     (["eval.max_test=0"], "eval.max_test"),
     (["eval.archs=[convnet,vgg99]"], "eval.archs"),
-    (["eval.teacher_arch=vgg99"], "eval.teacher_arch"),
+    (["eval.teacher.arch=vgg99"], "eval.teacher.arch"),
     (["runtime.num_cpus=0"], "runtime.num_cpus"),
     (["runtime.sampler_actors=0"], "runtime.sampler_actors"),
     (["runtime.bank_actors=0"], "runtime.bank_actors"),
@@ -407,6 +409,7 @@ RANGE_CASES = [
     (["runtime.cpus_per_actor=0"], "runtime.cpus_per_actor"),
     (["runtime.cpus_per_eval=0"], "runtime.cpus_per_eval"),
     (["runtime.eval_retries=-1"], "runtime.eval_retries"),
+    (["runtime.wait_for_nodes_s=-1"], "runtime.wait_for_nodes_s"),
 ]
 
 # The checks that need the loaded model (validate_against_backbone); the tiny DiT has blocks 0..2, T = 1000.

@@ -235,7 +235,7 @@ def test_quick_sweep_end_to_end(tiny_dit_dir, tmp_path, cache_dir, ray_session, 
     doc = OmegaConf.load(out / "best_config.yaml")
     assert doc.trial_id == best["trial_id"] and doc.val_acc_best == pytest.approx(best["val_acc_best"])
     assert len(doc.test.accs) == 1 and 0 <= doc.test.acc_mean <= 100 and doc.test.failed == 0
-    test_rows = list((out / "best_test" / best["trial_id"]).glob("dap__convnet__0.json"))
+    test_rows = list((out / "best_test" / best["trial_id"]).glob("dap__convnet__0__*.json"))
     assert len(test_rows) == 1 and json.loads(test_rows[0].read_text())["n_train"] == 8
 
     # running the same sweep again is refused (it would overwrite); resume is the way to continue it
