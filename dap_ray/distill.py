@@ -131,6 +131,14 @@ def run(cfg_raw: Any) -> int:
     from dap_ray.methods import RunContext, get_method
     from dap_ray.runtime import init_ray, resolve_actor_counts
 
+    if list(cfg_raw.get("stages") or []) == ["report"]:  # no Ray, no dataset, no model: the report of what out_dir holds
+        from dap_ray.report import rebuild_report
+
+        cfg = to_structured(cfg_raw)
+        validate(cfg)
+        print(rebuild_report(expand(cfg.out_dir)))
+        print(f"report: {expand(cfg.out_dir)}/report.md")  # the last line: where to look
+        return 0
     t_start = time.time()
     cfg, dataset, backbone = prepare(cfg_raw)
     run_dir = expand(cfg.out_dir)
@@ -208,15 +216,25 @@ def run(cfg_raw: Any) -> int:
 
     # 4. report
     timings["total"] = time.time() - t_start
+    table = None
     if "report" in cfg.stages and results is not None:
         from dap_ray.report import write_report
 
         extra = {"timings_s": {k: round(v, 1) for k, v in timings.items()}, "ray": ray_info, "skipped": len(ctx.skipped),
                  "bank": None if bank is None else {k: bank.meta.get(k) for k in ("key", "images", "images_per_second", "image_timesteps_per_second", "build_seconds", "reused")}}
         table = write_report(cfg, run_dir, results, extra)
+    elif "report" in cfg.stages:  # no evaluation this time: the report of the run's stored results, with its images now
+        from dap_ray.report import rebuild_report
+
+        fs_r, rp_r = fsspec.core.url_to_fs(run_dir)
+        if fs_r.exists(f"{rp_r}/results.json"):
+            table = rebuild_report(run_dir)
+        else:
+            log.warning("no report: %s has no results.json yet (add the evaluate stage)", run_dir)
+    if table is not None:
         print(table)
     log.info("done in %.0fs; outputs in %s", time.time() - t_start, run_dir)
-    if "report" in cfg.stages and results is not None:
+    if table is not None:
         print(f"report: {run_dir}/report.md")  # the last line: where to look
     return 0
 

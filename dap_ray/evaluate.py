@@ -3,7 +3,8 @@
 The set may come from dap_ray or from another tool: one folder per class key (the dataset's folder
 names / wnids, or 0..9 for digits), images in any readable format. `subsample=[100,50,10]` evaluates
 the first k images per class of the one set (sorted by file name). Output: results.json, report.md
-and plots/ in out_dir, and the accuracy table on stdout.
+and plots/ in out_dir, and the accuracy table on stdout; `stages=[report]` draws that report again
+from out_dir without training anything.
 """
 
 from __future__ import annotations
@@ -26,11 +27,15 @@ log = logging.getLogger("dap_ray.evaluate")
 def run(cfg_raw: Any) -> int:
     from dap_ray.data import distilled_records, resolve_dataset, write_skipped_csv
     from dap_ray.eval.run import evaluate_sets
-    from dap_ray.report import write_report
+    from dap_ray.report import rebuild_report, write_report
     from dap_ray.runtime import init_ray
 
     cfg = to_structured(cfg_raw, EvaluateConfig)
     validate(cfg)
+    if list(cfg.stages) == ["report"]:  # the report of an earlier evaluation in out_dir, drawn again; nothing trained
+        print(rebuild_report(expand(cfg.out_dir)))
+        print(f"report: {expand(cfg.out_dir)}/report.md")  # the last line: where to look
+        return 0
     if not cfg.data:
         raise ConfigError("data", cfg.data, "the folder of distilled images (<data>/<class>/*.png)")
     fs, p = fsspec.core.url_to_fs(cfg.data)

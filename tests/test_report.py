@@ -1,0 +1,187 @@
+"""report.md and plots/ of a run, from real files: links that resolve, no temp paths, image figures at
+native resolution, IPC headers from the rows, and `stages=[report]` rebuilding without Ray (issue 21).
+
+The run folder is written here as a run leaves it (PNG images per method, evaluation rows with their
+training history); the report code reads it back through the same functions a run uses.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dap_ray.cli import compose
+from dap_ray.config import EvaluateConfig, to_structured
+from dap_ray.data.types import ClassInfo
+from dap_ray.report import missing_links, write_report
+
+pytestmark = pytest.mark.integration  # matplotlib + PDF figures: a few seconds, no Ray
+
+METHODS = ("random_real", "vanilla", "dap")
+ARCHS = ("convnet", "resnetap10")
+CLASSES = [ClassInfo(i, str(i), f"digit{i}") for i in range(4)]
+
+
+def _image(path: Path, side: int, seed: int) -> np.ndarray:
+    """A random RGB image, unique pixel content per file (so it can be found again in a figure)."""
+    arr = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return arr
+
+
+def _rows(ipc: int, methods=METHODS, archs=ARCHS, seeds=(0, 1, 2)) -> list[dict]:
+    rng = np.random.default_rng(1)
+    rows = []
+    for m in methods:
+        for a in archs:
+            for s in seeds:
+                acc = float(0.9 + 0.01 * rng.standard_normal())
+                rows.append({"method": m, "arch": a, "seed": s, "ipc": ipc, "status": "ok", "acc": acc,
+                             "history": [[e, acc - 0.2 / e] for e in (5, 10, 15, 20)],
+                             "test_per_class": {c.key: 30 for c in CLASSES}})
+    return rows
+
+
+def _cfg(run: Path, *extra: str):
+    return to_structured(compose("distill", [f"out_dir={run}", "ipc=10", f"eval.archs=[{','.join(ARCHS)}]", "eval.seeds=[0,1,2]", *extra]))
+
+
+def _find(fig: np.ndarray, block: np.ndarray) -> list[tuple[int, int]]:
+    """(y, x) of every exact occurrence of `block` in `fig`."""
+    bh, bw = block.shape[:2]
+    ys, xs = np.nonzero((fig[: fig.shape[0] - bh + 1, : fig.shape[1] - bw + 1] == block[0, 0]).all(-1))
+    return [(y, x) for y, x in zip(ys, xs) if (fig[y : y + bh, x : x + bw] == block).all()]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, dict]:
+    """A distill run folder at IPC 2 (config says ipc=10: the rows are what counts): 64-px images."""
+    run = tmp_path_factory.mktemp("run")
+    images = {}
+    for k, m in enumerate(METHODS):
+        for c in CLASSES:
+            for i in range(2):
+                images[(m, c.key, i)] = _image(run / m / "images" / c.key / f"{i:05d}.png", 64, 1000 * k + 10 * c.index + i)
+    (run / "config.yaml").write_text("seed: 0\n")
+    table = write_report(_cfg(run), str(run), {"rows": _rows(2), "classes": CLASSES}, {"timings_s": {"total": 1.0}})
+    return run, {"images": images, "table": table}
+
+
+def test_every_link_resolves_and_no_temp_path_is_named(run):
+    out, _ = run
+    md = (out / "report.md").read_text()
+    assert missing_links(md, str(out)) == []
+    for name in ("accuracy", "curves", "pairs_vanilla_dap", "grid_random_real", "grid_vanilla", "grid_dap"):
+        assert f"](plots/{name}.png)" in md and f"](plots/{name}.pdf)" in md, name
+        assert (out / "plots" / f"{name}.pdf").read_bytes().startswith(b"%PDF")
+    assert str(out) not in md and tempfile.gettempdir() + "/" not in md  # the folder can be copied (docs/default_run)
+    assert "[config.yaml](config.yaml)" in md and "[results.json](results.json)" in md
+    assert "n = 3 seeds per cell" in md and "95% Student-t confidence interval" in md
+
+
+def test_a_missing_plot_is_found(run, tmp_path):
+    out, _ = run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "plots" / "grid_dap.png").unlink()
+    assert missing_links((copy / "report.md").read_text(), str(copy)) == ["plots/grid_dap.png"]
+
+
+def test_table_heads_the_ipc_of_the_rows(run):
+    _, facts = run
+    assert "IPC 2," in facts["table"] and "IPC 10" not in facts["table"]
+
+
+def test_grid_is_native_resolution_without_empty_frames(run):
+    out, facts = run
+    fig = np.asarray(Image.open(out / "plots" / "grid_vanilla.png").convert("RGB"))
+    spots = {}
+    for c in CLASSES:
+        for i in range(2):
+            hits = _find(fig, facts["images"][("vanilla", c.key, i)])
+            assert len(hits) == 1, (c.key, i)  # every image once, pixel for pixel (64 px: no enlargement)
+            spots[(c.key, i)] = hits[0]
+    for c in CLASSES:  # one row per class, its two images side by side
+        (y0, x0), (y1, x1) = spots[(c.key, 0)], spots[(c.key, 1)]
+        assert y0 == y1 and x1 > x0
+    right = max(x for _, x in spots.values()) + 64
+    top = min(y for y, _ in spots.values())
+    assert (fig[top:, right:] == 255).all()  # IPC 2: two columns, nothing (no empty frame) right of them
+
+
+def test_small_images_are_enlarged_by_whole_pixel_blocks(tmp_path):
+    from dap_ray.report import plot_grid
+
+    arr = _image(tmp_path / "set" / "0" / "a.png", 8, 7)
+    assert plot_grid(str(tmp_path / "set"), "s", CLASSES[:1], str(tmp_path / "g.png")) is not None
+    fig = np.asarray(Image.open(tmp_path / "g.png").convert("RGB"))
+    big = np.repeat(np.repeat(arr, 8, axis=0), 8, axis=1)  # each source pixel an 8x8 block
+    assert len(_find(fig, big)) == 1
+
+
+def test_pairs_put_vanilla_above_dap_of_the_same_file(run):
+    out, facts = run
+    fig = np.asarray(Image.open(out / "plots" / "pairs_vanilla_dap.png").convert("RGB"))
+    for c in CLASSES:
+        (yv, xv), = _find(fig, facts["images"][("vanilla", c.key, 0)])
+        (yd, xd), = _find(fig, facts["images"][("dap", c.key, 0)])
+        assert xv == xd and yd > yv  # one column per noise: vanilla on top, DAP below
+    assert not _find(fig, facts["images"][("random_real", "0", 0)])
+
+
+def test_evaluate_subsample_sets_head_their_own_ipc(tmp_path):
+    data = tmp_path / "data"
+    for c in CLASSES:
+        for i in range(3):
+            _image(data / c.key / f"{i:05d}.png", 16, 10 * c.index + i)
+    out = tmp_path / "ev"
+    cfg = to_structured(compose("evaluate", [f"data={data}", f"out_dir={out}", "ipc=10", "eval.archs=[convnet]", "eval.seeds=[0,1]"]),
+                        EvaluateConfig)
+    rows = _rows(2, ("set@ipc2",), ("convnet",), (0, 1)) + _rows(1, ("set@ipc1",), ("convnet",), (0, 1))
+    table = write_report(cfg, str(out), {"rows": rows, "classes": CLASSES}, {"data": str(data)}, image_root=str(data))
+    assert "IPC 2 and 1" in table and "IPC 10" not in table
+    assert "| method | IPC | convnet |" in table and "| set@ipc1 | 1 |" in table
+    grid = np.asarray(Image.open(out / "plots" / "grid_set_ipc1.png").convert("RGB"))
+    img0, img1 = (np.asarray(Image.open(data / "0" / f"0000{i}.png").convert("RGB")) for i in (0, 1))
+    assert len(_find(grid, np.repeat(np.repeat(img0, 4, axis=0), 4, axis=1))) == 1  # 16 px shown as 4x4 blocks
+    assert not _find(grid, np.repeat(np.repeat(img1, 4, axis=0), 4, axis=1))  # IPC 1: only the first image is shown
+    assert missing_links((out / "report.md").read_text(), str(out)) == []
+
+
+def test_stages_report_rebuilds_from_out_dir_without_ray_dataset_or_model(run, tmp_path, capsys):
+    """No Ray (an address where nothing answers), no dataset (a root that does not exist), no model."""
+    import ray
+
+    from dap_ray.distill import main
+
+    out, _ = run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "plots")
+    (copy / "report.md").unlink()
+    ray_before = ray.is_initialized()
+    rc = main([f"out_dir={copy}", "stages=[report]", "runtime.address=127.0.0.1:9", "dataset=imagefolder",
+               f"dataset.root={tmp_path / 'nowhere'}", f"model.path={tmp_path / 'no_model'}"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0
+    assert lines[-1] == f"report: {copy}/report.md"
+    assert ray.is_initialized() == ray_before
+    md = (copy / "report.md").read_text()
+    assert missing_links(md, str(copy)) == [] and (copy / "plots" / "pairs_vanilla_dap.png").is_file()
+    assert "IPC 2," in md and "| dap |" in md
+    assert json.loads((copy / "results.json").read_text())["classes"][3] == {"index": 3, "key": "3", "name": "digit3"}
+
+
+def test_stages_report_without_results_is_one_line(tmp_path, capsys):
+    from dap_ray.distill import main
+
+    rc = main([f"out_dir={tmp_path / 'empty'}", "stages=[report]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "has no results.json" in err[0]
