@@ -133,6 +133,7 @@ class EvalConfig:
     augment: str | None = None  # null = the recipe's (idc: rrc+flip+jitter+lighting); e.g. "rrc+jitter" for digits
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     temperature: float | None = None  # soft label; null = the recipe's (RDED: 20)
+    metrics: bool = True  # representativeness 1/d, Fréchet distance and spread in the teacher's features (dap_ray/metrics.py)
     tsne: bool = True
     max_test: int | None = None  # cap on test images (null = all)
 
@@ -176,7 +177,6 @@ class EvaluateConfig(DistillConfig):
     data: str | None = None  # the distilled set (local or s3://), one folder per class key
     name: str = "distilled"  # the set's name in tables and plots
     subsample: list[int] | None = None  # e.g. [100, 50, 10]: the first k images per class of one set
-    metrics: bool = True  # representativeness 1/d and t-SNE in the model's feature space
 
 
 STAGES = ("bank", "sample", "evaluate", "report")

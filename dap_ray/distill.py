@@ -205,9 +205,16 @@ def run(cfg_raw: Any) -> int:
     results = None
     if "evaluate" in cfg.stages:
         from dap_ray.eval.run import evaluate_run
+        from dap_ray.metrics import measure_sets
 
         t0 = time.time()
-        results = evaluate_run(cfg, dataset, run_dir, [m.name for m in methods], bank=bank, backbone=backbone)
+        results = evaluate_run(cfg, dataset, run_dir, [m.name for m in methods])
+        sets = results.pop("sets")
+        if cfg.eval.metrics:
+            try:
+                results["metrics"] = measure_sets(cfg, dataset, sets, expand(cfg.cache_dir), tsne=bool(cfg.eval.tsne))
+            except Exception as e:  # noqa: BLE001 - a metric failure must not lose the accuracy table
+                log.warning("representativeness metrics failed: %s", e)
         timings["evaluate"] = time.time() - t0
         if results["skipped"]:  # unreadable test (and distilled) files: listed beside the training split's
             ctx.skipped.extend(results["skipped"])

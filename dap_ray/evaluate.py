@@ -27,6 +27,7 @@ log = logging.getLogger("dap_ray.evaluate")
 def run(cfg_raw: Any) -> int:
     from dap_ray.data import distilled_records, resolve_dataset, write_skipped_csv
     from dap_ray.eval.run import evaluate_sets
+    from dap_ray.metrics import measure_sets
     from dap_ray.report import rebuild_report, write_report
     from dap_ray.runtime import init_ray
 
@@ -63,16 +64,11 @@ def run(cfg_raw: Any) -> int:
     rows = evaluate_sets(cfg, dataset, sets, f"{run_dir}/eval", expand(cfg.cache_dir), skipped=skipped)
     write_skipped_csv(run_dir, skipped)
     results: dict[str, Any] = {"rows": rows, "classes": list(dataset.classes), "skipped": skipped}
-    if cfg.metrics:
+    if cfg.eval.metrics:
         try:
-            from dap_ray.backbones import load_backbone
-            from dap_ray.metrics import representativeness
-
-            bb = load_backbone(OmegaConf.to_container(cfg.model, resolve=True), "cpu")
-            bb.bind_classes(dataset.classes)
-            results["metrics"] = representativeness(cfg, dataset, sets, bb, run_dir)
-        except UserError as e:
-            log.warning("representativeness metric skipped: %s", e)
+            results["metrics"] = measure_sets(cfg, dataset, sets, expand(cfg.cache_dir), tsne=bool(cfg.eval.tsne))
+        except Exception as e:  # noqa: BLE001 - a metric failure must not lose the accuracy table
+            log.warning("representativeness metrics failed: %s", e)
     fsr, rp = fsspec.core.url_to_fs(run_dir)
     fsr.makedirs(rp, exist_ok=True)
     fsr.pipe_file(f"{rp}/config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())

@@ -426,6 +426,23 @@ def _figure(md: list[str], alt: str, png: str | None, caption: str = "") -> None
     md += [f"![{alt}]({rel})", "", (caption + " " if caption else "") + f"[PDF]({rel[: -len('.png')]}.pdf)", ""]
 
 
+def metrics_table(metrics: dict) -> list[str]:
+    """The metrics section of report.md (dap_ray/metrics.py defines the scores)."""
+    def num(v: dict, k: str) -> str:
+        return f"{v[k]:.3f}" if isinstance(v.get(k), (int, float)) else "–"
+
+    real = metrics.get("real") or {}
+    md = ["## Representativeness, Fréchet distance and spread", "",
+          f"Feature space: {metrics['feature_space']} — not the guidance layer, so no method is scored in the space it optimises. "
+          "1/d: inverse mean distance to the class's real mean embedding per √D (higher = more representative, seed 001's 1/d "
+          "with the linear kernel); FD: Fréchet distance to the real sample's features (FID's formula with this encoder; lower = "
+          "closer to the real distribution); spread: mean within-class pairwise distance per √D (higher = more varied).", "",
+          "| set | n | 1/d | FD | spread |", "|---|---|---|---|---|",
+          f"| real sample (reference) | {real.get('n', '')} | {num(real, 'inv_d')} | 0 | {num(real, 'spread')} |"]
+    md += [f"| {m} | {v.get('n', '')} | {num(v, 'inv_d')} | {num(v, 'fd')} | {num(v, 'spread')} |" for m, v in metrics["methods"].items()]
+    return md + [""]
+
+
 def write_report(cfg: Any, run_dir: str, results: dict, extra: dict | None = None, image_root: str | None = None) -> str:
     """results.json, report.md and plots/; returns the markdown table (printed by the CLI).
 
@@ -458,11 +475,7 @@ def write_report(cfg: Any, run_dir: str, results: dict, extra: dict | None = Non
     files = [f"[{n}]({n})" for n in ("config.yaml", "results.json", "skipped.csv") if fs.exists(f"{rp}/{n}")]
     md += ["Files of this run (beside this report): " + ", ".join(files) + "; one JSON per training in `eval/`.", ""]
     if metrics.get("methods"):
-        md += ["## Representativeness (1/d, higher = closer to the real class means) and diversity", "",
-               f"Feature space: {metrics['feature_space']}.", "", "| set | 1/d | diversity |", "|---|---|---|",
-               f"| real (reference) | {metrics['real']['inv_d']:.3f} | {metrics['real']['diversity']:.3f} |"]
-        md += [f"| {m} | {v['inv_d']:.3f} | {v['diversity']:.3f} |" for m, v in metrics["methods"].items()]
-        md.append("")
+        md += metrics_table(metrics)
     md += ["## Plots", "", "### Accuracy", ""]
     _figure(md, "accuracy", plot_accuracy(rows, methods, archs, f"{plots}/accuracy.png", res_label), accuracy_caption(rows, methods, archs))
     curves = plot_curves(rows, methods, archs, f"{plots}/curves.png")

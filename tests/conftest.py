@@ -82,7 +82,7 @@ def small_overrides(model_dir: Path, out_dir: Path, cache: Path, **extra: str) -
         "sampler.steps": "5", "sampler.batch_size": "2",
         "eval": "digits",  # the CPU preset also for dataset=imagefolder (whose default is the 224-px IGD protocol)
         "eval.epochs": "2", "eval.seeds": "[0]", "eval.archs": "[convnet]",
-        "eval.tsne": "false", "eval.max_test": "100",
+        "eval.tsne": "false", "eval.metrics": "false", "eval.max_test": "100",
     }
     ov.update(extra)
     return [f"{k}={v}" for k, v in ov.items()]

@@ -24,7 +24,8 @@ def _run(module: str, args: list[str], cwd, timeout: int = 900) -> subprocess.Co
 def reduced_run(tiny_dit_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
     out, cache = work / "run", work / "cache"
-    args = small_overrides(tiny_dit_dir, out, cache, **{"eval.archs": "[convnet,resnetap10]", "eval.tsne": "true"})
+    args = small_overrides(tiny_dit_dir, out, cache, **{"eval.archs": "[convnet,resnetap10]", "eval.tsne": "true", "eval.metrics": "true",
+                                                              "eval.teacher.arch": "convnet", "eval.teacher.epochs": "2"})
     proc = _run("dap_ray.distill", args, work)  # cwd is not the repo: the entry point must still find its configs
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, cache, proc, work
@@ -61,7 +62,8 @@ def test_rerun_reuses_everything(reduced_run, tiny_dit_dir):
     out, cache, _, work = reduced_run
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png") if "plots" not in p.parts}
     evals = {p: p.stat().st_mtime_ns for p in (out / "eval").glob("*.json")}
-    args = small_overrides(tiny_dit_dir, out, cache, **{"eval.archs": "[convnet,resnetap10]", "eval.tsne": "true"})
+    args = small_overrides(tiny_dit_dir, out, cache, **{"eval.archs": "[convnet,resnetap10]", "eval.tsne": "true", "eval.metrics": "true",
+                                                              "eval.teacher.arch": "convnet", "eval.teacher.epochs": "2"})
     proc = _run("dap_ray.distill", args, work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in before} == before
@@ -82,7 +84,8 @@ def test_evaluate_any_folder_with_subsampling(reduced_run, tiny_dit_dir):
     ev = work / "ev"
     proc = _run("dap_ray.evaluate", [f"data={out / 'random_real' / 'images'}", "name=rr", "subsample=[2,1]", f"out_dir={ev}",
                                      f"cache_dir={cache}", f"model.path={tiny_dit_dir}", "eval.epochs=2", "eval.seeds=[0]",
-                                     "eval.archs=[convnet]", "eval.tsne=false", "eval.max_test=100"], work)
+                                     "eval.archs=[convnet]", "eval.tsne=false", "eval.max_test=100", "eval.teacher.arch=convnet",
+                                     "eval.teacher.epochs=2"], work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((ev / "results.json").read_text())
     assert {(r["method"], r["ipc"]) for r in res["rows"]} == {("rr@ipc2", 2), ("rr@ipc1", 1)}

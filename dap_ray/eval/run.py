@@ -151,7 +151,7 @@ class TeacherRef:
         return model.eval().requires_grad_(False)
 
 
-def _classifier_name(model: torch.nn.Module) -> str:
+def classifier_name(model: torch.nn.Module) -> str:
     """Name of the last Linear layer: the classifier of torchvision and timm image models."""
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     if not names:
@@ -190,7 +190,7 @@ class PretrainedTeacherRef:
         from dap_ray.eval.nets import IMAGENET_MEAN, IMAGENET_STD, Normalized
 
         state = st_load(read_bytes(self.path))
-        head = _classifier_name(build_pretrained(self.library, self.arch, 1000))
+        head = classifier_name(build_pretrained(self.library, self.arch, 1000))
         model = build_pretrained(self.library, self.arch, int(state[f"{head}.weight"].shape[0]))
         model.load_state_dict(state)
         old = model.get_submodule(head)
@@ -245,7 +245,7 @@ def get_pretrained_teacher(cfg: Any, dataset: DatasetSplits) -> PretrainedTeache
         state = st_load(data)
     except Exception as e:  # noqa: BLE001 - not safetensors: a user error
         raise ConfigError("eval.teacher.path", t.path, f"a .safetensors file of {t.library} {t.arch} weights ({e})") from None
-    head = _classifier_name(build_pretrained(str(t.library), str(t.arch), 1000))
+    head = classifier_name(build_pretrained(str(t.library), str(t.arch), 1000))
     if f"{head}.weight" not in state:
         raise ConfigError("eval.teacher.path", t.path, f"{t.library} {t.arch} weights (no {head}.weight in the file)")
     rows = teacher_rows(cfg, dataset, int(state[f"{head}.weight"].shape[0]))
@@ -397,18 +397,10 @@ def evaluate_sets(
     return sorted(rows, key=lambda r: (list(sets).index(r["method"]), r["arch"], r["seed"]))
 
 
-def evaluate_run(cfg: Any, dataset: DatasetSplits, run_dir: str, methods: Sequence[str], bank=None, backbone=None) -> dict:
-    """Evaluate each method's images of this run; also the representativeness metric and t-SNE.
+def evaluate_run(cfg: Any, dataset: DatasetSplits, run_dir: str, methods: Sequence[str]) -> dict:
+    """Evaluate each method's images of this run (`out["sets"]`: the records evaluated, by method).
     `out["skipped"]` lists the test and distilled files that could not be used (path, reason, split)."""
     sets = {m: distilled_records(f"{run_dir}/{m}/images", dataset.classes) for m in methods}
     skipped: list[tuple[str, str, str]] = []
     rows = evaluate_sets(cfg, dataset, sets, f"{run_dir}/eval", expand(cfg.cache_dir), skipped=skipped)
-    out: dict[str, Any] = {"rows": rows, "classes": list(dataset.classes), "skipped": skipped}
-    if backbone is not None:
-        from dap_ray.metrics import representativeness
-
-        try:
-            out["metrics"] = representativeness(cfg, dataset, sets, backbone, run_dir)
-        except Exception as e:  # noqa: BLE001 - a metric failure must not lose the accuracy table
-            log.warning("representativeness metric failed: %s", e)
-    return out
+    return {"rows": rows, "classes": list(dataset.classes), "skipped": skipped, "sets": sets}
