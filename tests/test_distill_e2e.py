@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ pytestmark = pytest.mark.integration
 
 def _run(module: str, args: list[str], cwd, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin", "HOME": str(cwd)}
+    env |= {k: os.environ[k] for k in ("PYTHONPATH", "RAY_ADDRESS") if k in os.environ}  # a checkout beside the installed one
     return subprocess.run([sys.executable, "-m", module, *args, "runtime.num_cpus=2"], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
