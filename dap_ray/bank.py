@@ -293,6 +293,23 @@ class Bank:
     def rff(self, layer: str) -> RandomFourierFeatures | None:
         return rff_for(self.spec.rff, self.stats.sum[layer].shape[-1]) if self.spec.rff else None
 
+    def class_features(self, layer: str, label: int, t: int) -> torch.Tensor:
+        """The kept per-image features of one (class, layer, timestep): (n_kept, D) float32, rows in id order.
+
+        The images kept per class are `spec.max_per_class` (all when null); DAP's exact RBF energy runs
+        over them. UserError when none is kept for the class."""
+        fs, root = fsspec.core.url_to_fs(self.path)
+        files = sorted(fs.glob(f"{root}/layer={layer}/*.parquet"))
+        filters = [("label", "=", int(label)), ("timestep", "=", int(t))]
+        tables = [pq.read_table(f, filesystem=fs, columns=["id", "feature"], filters=filters) for f in files]
+        table = pa.concat_tables(tables).sort_by("id") if tables else None
+        if table is None or table.num_rows == 0:
+            raise UserError(f"the bank keeps no feature of class {self.classes[label].key!r} at layer {layer}, t={t}: "
+                            "kernel=rbf needs bank.max_per_class >= 2 (null keeps every image)")
+        col = table.column("feature").combine_chunks()  # FixedSizeList<float32>[D]
+        dim = col.type.list_size
+        return torch.from_numpy(col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=True))
+
     def read_features(self, layer: str) -> pa.Table:
         """The per-sample Parquet rows of one layer (sorted by id, timestep)."""
         fs, root = fsspec.core.url_to_fs(self.path)
@@ -483,9 +500,6 @@ def make_spec(cfg: Any, backbone, layers: Sequence[str]) -> BankSpec:
     from dap_ray.backbones import model_fingerprint
 
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    rff = None
-    if cfg.method.kernel == "rbf":
-        rff = {"num_features": int(cfg.method.rff_features), "sigma": float(cfg.method.sigma), "seed": int(cfg.method.rff_seed)}
     return BankSpec(
         model=model,
         model_fingerprint=model_fingerprint(model),
@@ -494,7 +508,7 @@ def make_spec(cfg: Any, backbone, layers: Sequence[str]) -> BankSpec:
         pooling=str(cfg.method.pooling),
         seed=int(cfg.bank.seed),
         resolution=int(backbone.resolution),
-        rff=rff,
+        rff=None,  # DAP's RBF guidance is exact over the kept features (Bank.class_features), not RFF
         max_per_class=cfg.bank.max_per_class,
         batch_size=int(cfg.bank.batch_size),
         dtype=resolve_dtype(cfg),  # the bank runs in the sampler's precision, resolved once on the driver

@@ -65,10 +65,8 @@ class MethodConfig:
     layer: Any = None  # block index (DiT) or name (SD: down_0..3, mid, up_0..3); null = model.default_layer
     t_stop: int = 400  # guidance only while t > t_stop
     kernel: str = "linear"  # linear | rbf
-    sigma: float = 1.0  # RBF bandwidth (relative to sqrt(D) of the pooled features)
+    sigma: float = 1.0  # RBF bandwidth = sigma x the median pairwise distance of the class's kept real features at t
     pooling: str = "tokens"  # tokens = full feature map, mean = pooled over tokens/space
-    rff_features: int = 2048  # random Fourier features for the RBF mean embedding
-    rff_seed: int = 0
     # D3HR
     d3hr_groups: int = 1000  # candidate noise groups
     d3hr_inversion_steps: int = 50
@@ -232,7 +230,6 @@ def validate(cfg: Any) -> None:
     _choice("method.kernel", m.kernel, KERNELS)
     _choice("method.pooling", m.pooling, POOLINGS)
     _check(m.sigma > 0, "method.sigma", m.sigma, "a number > 0")
-    _check(m.rff_features >= 1, "method.rff_features", m.rff_features, "an integer >= 1")
     _check(m.d3hr_groups >= 1, "method.d3hr_groups", m.d3hr_groups, "an integer >= 1")
     _check(m.d3hr_inversion_steps >= 1, "method.d3hr_inversion_steps", m.d3hr_inversion_steps, "an integer >= 1")
     _check(len(m.d3hr_stats) >= 1, "method.d3hr_stats", list(m.d3hr_stats), "a non-empty list of mean, std, skew, kurtosis")

@@ -24,9 +24,24 @@ Conventions
   features are (N, D).
 * **Energies are reported per feature dimension**: the squared distance is divided by D. A layer's
   squared feature distance grows linearly with its width and with the number of tokens kept, so
-  without this normalisation the useful range of gamma would depend on the layer and the pooling.
-  With it, gamma means the same thing for every (layer, pooling) choice. (The paper's gamma values
-  are for its own, unnormalised, scale; ours are not numerically comparable to them.)
+  without this normalisation the useful range of gamma would depend on the layer and the pooling
+  even more than it does. It does not make gamma mean the same everywhere: the gradient still
+  depends on how far phi sits from the real features at that layer and pooling (measured on the
+  digits DiT, layer 2, gamma 10: |delta eps| / |eps| about 0.1 with ``tokens`` and 0.02-0.03 with
+  ``mean``). The sampler therefore records that ratio per step (``guidance_strength`` in
+  results.json), which is what to compare across settings.
+* **The RBF energy is scaled by sigma^2** (``E_rbf = sigma^2 (1/N) sum_j d_k^2 / D``, see
+  :func:`energy_exact`). With d_k^2 = 2 - 2 exp(-r^2 / (2 sigma^2)) (r = ||phi - phi_j||),
+  sigma^2 d_k^2 -> r^2 as sigma -> infinity, so the scaled RBF energy tends to the linear one, and
+  its gradient (2 / (N D)) sum_j k_j (phi - phi_j) is the linear gradient with each real feature
+  weighted by its kernel value k_j in (0, 1]. At equal gamma the two kernels therefore take steps of
+  the same order (equal as sigma grows; smaller by the mean weight k_j otherwise, about exp(-1/2)
+  at the median-heuristic bandwidth). Without sigma^2 the RBF gradient is 1/sigma^2 of that: with
+  sigma ~ sqrt(D) feature scales it was 1e-4 to 1e-2 of the linear step, i.e. no guidance.
+* **Conversion to the paper's gamma** (seed 001, eq. 6-8: p(R | x) ~ exp(-gamma E) with E the mean
+  squared kernel distance, no per-dimension factor): gamma_paper = gamma_ours / D for the linear
+  kernel, gamma_paper = gamma_ours * sigma^2 / D for the RBF kernel. D is the flattened feature size
+  (DiT-XL/2 block, ``tokens``: 256 x 1152 = 294,912; ``mean``: 1152).
 * Every energy returns shape (B,): one value per sample. Samples do not interact, so
   ``grad(E.sum(), x_t)`` is the stack of per-sample gradients (see :func:`energy_gradient`).
 
@@ -35,11 +50,15 @@ Why the mean-embedding forms scale
 * Linear kernel k(a, b) = <a, b>:  (1/N) sum_j ||phi - phi_j||^2 = ||phi - mu||^2 + (m2 - ||mu||^2),
   with mu = (1/N) sum_j phi_j and m2 = (1/N) sum_j ||phi_j||^2. Exact, and only (N, sum phi_j,
   sum ||phi_j||^2) are needed: the cost of a guided step does not depend on N.
-* RBF kernel k(a, b) = exp(-||a - b||^2 / (2 sigma^2)): with random Fourier features z (Rahimi & Recht),
-  k(a, b) ~= <z(a), z(b)>, so (1/N) sum_j k(phi, phi_j) ~= <z(phi), mean_j z(phi_j)>. Approximate;
-  the error shrinks like 1/sqrt(M) in the number of features M.
-* Both reduce the bank to additive sufficient statistics (:func:`class_statistics`), which merge
-  across shards and streams (:func:`merge_statistics`).
+* RBF kernel k(a, b) = exp(-||a - b||^2 / (2 sigma^2)): DAP guidance uses the exact energy over the
+  bank's kept per-class features (``bank.max_per_class``), O(B N D) per step, with the bandwidth from
+  :func:`median_bandwidth`. Random Fourier features z (Rahimi & Recht), k(a, b) ~= <z(a), z(b)>, give
+  an N-independent mean-embedding form (:func:`energy_mean_rff`), but their gradient's accuracy depends
+  on sigma and M (measured cosine with the exact gradient at D = 1152, M = 2048: 0.64 with a
+  sigma = sqrt(D) bandwidth, 0.998 with the median one), so guidance uses the exact form and RFF is
+  kept for the bank's statistics and its tests.
+* The linear kernel reduces the bank to additive sufficient statistics (:func:`class_statistics`),
+  which merge across shards and streams (:func:`merge_statistics`).
 
 Autograd note: the sampler must build the graph under ``torch.no_grad()`` at most, not under
 ``torch.inference_mode()`` (inference tensors cannot enter autograd); :func:`energy_gradient`
@@ -67,6 +86,7 @@ __all__ = [
     "finalize_statistics",
     "guided_eps",
     "linear_kernel",
+    "median_bandwidth",
     "merge_statistics",
     "rbf_kernel",
 ]
@@ -134,14 +154,16 @@ def rbf_kernel(a: Tensor, b: Tensor, sigma: float) -> Tensor:
 
 
 def energy_exact(phi: Tensor, real: Tensor, kernel: str = "linear", sigma: float = 1.0) -> Tensor:
-    """Reference (brute-force) energy over all N real features.
+    """Brute-force energy over all N real features.
 
-        E(phi) = (1/N) sum_j d_k(phi, phi_j)^2 / D
-               = [k(phi, phi) - (2/N) sum_j k(phi, phi_j) + (1/N) sum_j k(phi_j, phi_j)] / D
+        E(phi) = s (1/N) sum_j d_k(phi, phi_j)^2 / D
+               = s [k(phi, phi) - (2/N) sum_j k(phi, phi_j) + (1/N) sum_j k(phi_j, phi_j)] / D,
 
-    phi: (B, D) synthetic features, real: (N, D) real features -> (B,). Cost O(B N D): this is the
-    paper's form, kept as the reference and for capped per-class subsets. ``sigma`` is used by
-    ``kernel="rbf"`` only.
+    s = 1 for the linear kernel and s = sigma^2 for the RBF kernel, so that the RBF energy tends to
+    the linear one as sigma grows and a given gamma takes steps of the same order with either kernel
+    (module docstring). phi: (B, D) synthetic features, real: (N, D) real features -> (B,). Cost
+    O(B N D): the reference for the linear mean form, and DAP's RBF guidance over the bank's kept
+    per-class features. ``sigma`` is used by ``kernel="rbf"`` only.
     """
     _check_features("phi", phi)
     _check_features("real", real)
@@ -161,7 +183,31 @@ def energy_exact(phi: Tensor, real: Tensor, kernel: str = "linear", sigma: float
         k_aa = phi.new_ones(phi.shape[0])  # (B,)   k(a, a) = 1
         k_ab = rbf_kernel(phi, real, sigma)  # (B, N)
         k_bb = real.new_ones(real.shape[0])  # (N,)
+        return sigma**2 * (k_aa - 2.0 * k_ab.mean(1) + k_bb.mean()) / dim  # (B,)
     return (k_aa - 2.0 * k_ab.mean(1) + k_bb.mean()) / dim  # (B,)
+
+
+def median_bandwidth(features: Tensor) -> float:
+    """The median heuristic: the median pairwise Euclidean distance between the rows of features (N, D).
+
+    The RBF bandwidth that keeps the kernel informative on the features at hand: with sigma equal to
+    the typical distance r, k = exp(-r^2 / (2 sigma^2)) is about exp(-1/2), neither 0 (a gradient of
+    exactly 0, as sigma = 1 gave on the digits DiT where r^2 ~ 1,259) nor 1 (the linear kernel).
+    Distances are computed in float64 (the Gram expansion cancels badly in float32 for wide features).
+    Fewer than two distinct rows have no pairwise distance: the root mean square row norm stands in
+    (the same order as distances between features of that layer), and 1.0 if that is 0 too.
+    """
+    _check_features("features", features)
+    f = features.detach().to(torch.float64)  # (N, D)
+    n = f.shape[0]
+    if n >= 2:
+        iu = torch.triu_indices(n, n, offset=1, device=f.device)
+        dist = _sq_dist(f, f)[iu[0], iu[1]].sqrt()  # (N (N - 1) / 2,)
+        med = float(dist.median())
+        if med > 0:
+            return med
+    rms = float((f * f).sum(-1).mean().sqrt()) if n else 0.0
+    return rms if rms > 0 else 1.0
 
 
 def energy_mean_linear(phi: Tensor, mean: Tensor, mean_sq_norm: Tensor | float | None = None) -> Tensor:
@@ -263,8 +309,8 @@ class RandomFourierFeatures:
 def energy_mean_rff(phi: Tensor, rff: RandomFourierFeatures, rff_mean: Tensor) -> Tensor:
     """RBF energy via the RFF mean embedding (approximate, O(B D M), independent of N).
 
-        E(phi) = [ k(phi, phi) - 2 <z(phi), m_z> + (1/N) sum_j k(phi_j, phi_j) ] / D
-               = [ 2 - 2 <z(phi), m_z> ] / D,        m_z = (1/N) sum_j z(phi_j),
+        E(phi) = sigma^2 [ k(phi, phi) - 2 <z(phi), m_z> + (1/N) sum_j k(phi_j, phi_j) ] / D
+               = sigma^2 [ 2 - 2 <z(phi), m_z> ] / D,        m_z = (1/N) sum_j z(phi_j),
 
     using k(a, a) = 1 exactly for the RBF kernel (so neither constant adds RFF noise). Only the
     cross term is approximated, by an unbiased estimate, so this approximates
@@ -277,7 +323,7 @@ def energy_mean_rff(phi: Tensor, rff: RandomFourierFeatures, rff_mean: Tensor) -
     dim = phi.shape[1]
     z = rff(phi)  # (B, M)
     cross = z @ rff_mean.to(dtype=phi.dtype, device=phi.device)  # (B,)   ~ (1/N) sum_j k(phi, phi_j)
-    return (2.0 - 2.0 * cross) / dim  # (B,)
+    return rff.sigma**2 * (2.0 - 2.0 * cross) / dim  # (B,)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -88,9 +88,9 @@ def test_energy_exact_closed_form():
     torch.testing.assert_close(
         energy_exact(phi, real, "linear"), torch.tensor([2.5], dtype=F64), rtol=1e-15, atol=0
     )
-    # rbf: d^2 = 2 - 2k ; mean over j, / D
+    # rbf: d^2 = 2 - 2k ; mean over j, x sigma^2 (= 4), / D
     k = torch.tensor([math.exp(-1.0), math.exp(-0.25)], dtype=F64)
-    expected = ((2 - 2 * k).mean() / 2).reshape(1)
+    expected = (4 * (2 - 2 * k).mean() / 2).reshape(1)
     torch.testing.assert_close(energy_exact(phi, real, "rbf", sigma=2.0), expected, rtol=1e-15, atol=1e-15)
 
 

@@ -367,7 +367,6 @@ RANGE_CASES = [
     (["method.kernel=cosine"], "method.kernel"),
     (["method.pooling=max"], "method.pooling"),
     (["method.sigma=0"], "method.sigma"),
-    (["method.rff_features=0"], "method.rff_features"),
     (["method.d3hr_groups=0"], "method.d3hr_groups"),
     (["method.d3hr_inversion_steps=0"], "method.d3hr_inversion_steps"),
     (["method.d3hr_stats=[]"], "method.d3hr_stats"),

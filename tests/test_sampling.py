@@ -111,6 +111,23 @@ def test_dap_lowers_energy_to_the_class_mean(digits_bank):
     assert (ed < ev).mean() >= 0.75
 
 
+@pytest.mark.integration
+def test_rbf_moves_samples_as_far_from_vanilla_as_linear(digits_bank):
+    """At equal γ the RBF kernel's samples differ from vanilla's by the same order as the linear kernel's
+    (before the σ² scaling and the median bandwidth the RBF step was 1e-4..1e-2 of the linear one)."""
+    bank, bb, _ = digits_bank
+    y = torch.tensor([0] * 4 + [1] * 4)
+    x = torch.stack([initial_noise(bb.latent_shape, 0, "s", int(c), i) for i, c in enumerate(y)])
+    van = sample_latents(bb, x, y, steps=10, cfg_scale=2.0)
+    moved = {}
+    for kernel in ("linear", "rbf"):
+        out = sample_latents(bb, x, y, steps=10, cfg_scale=2.0, guidance=DAPGuidance(bank, "2", kernel, 10.0, 0, "tokens"))
+        moved[kernel] = float((out - van).flatten(1).norm(dim=1).mean())
+    ratio = moved["rbf"] / moved["linear"]
+    assert moved["linear"] > 0.05 * float(van.flatten(1).norm(dim=1).mean())  # the linear kernel does guide
+    assert 0.2 < ratio < 5.0, moved
+
+
 def _job(tiny_dit_dir: Path, out: Path, guidance=None) -> SamplerJob:
     return SamplerJob(model={"type": "dit", "path": str(tiny_dit_dir)}, classes=CLASSES[:3], out_dir=str(out), seed=7,
                       steps=4, cfg_scale=2.0, eta=0.0, dtype="fp32", guidance=guidance)

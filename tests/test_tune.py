@@ -90,7 +90,7 @@ def test_flat_and_nested_space_are_the_same():
         ("method.gamma", {"type": "grid", "values": []}, "random", "non-empty list"),
         ("method.gamma", {"type": "uniform", "low": 1, "high": 2, "values": [1]}, "random", "fields of a uniform"),
         ("method.t_stop", {"type": "uniform", "low": 0, "high": 500}, "random", "is an integer"),
-        ("method.sigma", {"type": "loguniform", "low": 0.1, "high": 2}, "random", "changes the feature bank"),
+        ("bank.seed", {"type": "randint", "low": 0, "high": 5}, "random", "changes the feature bank"),
         ("sampler.steps", {"type": "randint", "low": 10, "high": 50}, "random", "changes the feature bank"),
         ("method.gamma", {"type": "quniform", "low": 1, "high": 2}, "random", "quantisation"),
     ],

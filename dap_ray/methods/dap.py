@@ -9,18 +9,23 @@ import torch
 
 from dap_ray.backbones import pool_features
 from dap_ray.config import guidance_layer
-from dap_ray.guidance import class_energy
+from dap_ray.guidance import class_energy, energy_exact, median_bandwidth
 from dap_ray.methods.base import Method, RunContext
 from dap_ray.sampling import SamplerJob, work_items
 
 
 class DAPGuidance:
-    """E_c(x_t) against the class statistics at timestep t; applies while t > t_stop."""
+    """E_c(x_t) against the class's real features at timestep t; applies while t > t_stop.
 
-    def __init__(self, bank, layer: str, kernel: str, gamma: float, t_stop: int, pooling: str):
+    kernel="linear": the class mean statistics (exact, independent of N). kernel="rbf": the exact
+    energy over the bank's kept features of (class, t) (``bank.max_per_class`` of them), bandwidth
+    sigma_scale x the median pairwise distance of those features (guidance.median_bandwidth)."""
+
+    def __init__(self, bank, layer: str, kernel: str, gamma: float, t_stop: int, pooling: str, sigma_scale: float = 1.0):
         self.bank, self.layer, self.kernel, self.gamma, self.t_stop, self.pooling = bank, layer, kernel, gamma, t_stop, pooling
-        self.rff = bank.rff(layer) if kernel == "rbf" else None
+        self.sigma_scale = float(sigma_scale)
         self._cache: dict[tuple[int, int], dict] = {}
+        self._real: dict[tuple[int, int], tuple[torch.Tensor, float]] = {}
 
     def applies(self, t: int) -> bool:
         return t > self.t_stop and t in self.bank.spec.timesteps
@@ -30,13 +35,28 @@ class DAPGuidance:
             self._cache[(label, t)] = self.bank.class_stats(self.layer, label, t)
         return self._cache[(label, t)]
 
+    def real(self, label: int, t: int, device: torch.device) -> tuple[torch.Tensor, float]:
+        """The kept real features of (label, t) on `device` (N, D) and their RBF bandwidth sigma."""
+        if (label, t) not in self._real:
+            feats = self.bank.class_features(self.layer, label, t)  # (N, D) float32
+            self._real[(label, t)] = (feats.to(device), self.sigma_scale * median_bandwidth(feats))
+        feats, sigma = self._real[(label, t)]
+        return feats.to(device), sigma
+
+    def class_energy(self, phi: torch.Tensor, label: int, t: int) -> torch.Tensor:
+        """(B,) energies of pooled features phi (B, D) against class `label` at timestep t."""
+        if self.kernel == "rbf":
+            real, sigma = self.real(label, t, phi.device)
+            return energy_exact(phi, real, "rbf", sigma)
+        return class_energy(phi, self.stats(label, t), "linear", None)
+
     def energy(self, backbone, x_t: torch.Tensor, t: int, y: torch.Tensor) -> torch.Tensor:
         feats = backbone.features(x_t, t, y, [self.layer])[self.layer]  # (B, tokens, dim)
         phi = pool_features(feats, self.pooling).float()  # (B, D)
         energy = torch.zeros(len(y), device=phi.device)
         for label in y.unique().tolist():  # work items are single-class; this also handles mixed batches
             m = y == label
-            energy = energy + torch.where(m, class_energy(phi, self.stats(label, t), self.kernel, self.rff), 0.0)
+            energy = energy + torch.where(m, self.class_energy(phi, label, t), 0.0)
         return energy
 
 
@@ -52,6 +72,7 @@ class DAPGuidanceRecipe:
     gamma: float
     t_stop: int
     pooling: str
+    sigma_scale: float = 1.0  # RBF only: the bandwidth is this times the median pairwise feature distance
 
     def build(self, backbone) -> DAPGuidance:
         from dap_ray.bank import load_bank
@@ -59,7 +80,7 @@ class DAPGuidanceRecipe:
         bank = load_bank(self.bank_path, self.bank_spec, list(self.classes))
         if bank is None:
             raise RuntimeError(f"bank at {self.bank_path} is not committed")
-        return DAPGuidance(bank, self.layer, self.kernel, self.gamma, self.t_stop, self.pooling)
+        return DAPGuidance(bank, self.layer, self.kernel, self.gamma, self.t_stop, self.pooling, self.sigma_scale)
 
 
 def sampler_job(ctx: RunContext, name: str, guidance=None, start=None) -> SamplerJob:
@@ -101,7 +122,7 @@ class DAP(Method):
     def recipe(self, ctx: RunContext) -> DAPGuidanceRecipe:
         m = ctx.cfg.method
         return DAPGuidanceRecipe(ctx.bank.path, ctx.bank.spec, tuple(ctx.dataset.classes), guidance_layer(ctx.cfg),
-                                 str(m.kernel), float(m.gamma), int(m.t_stop), str(m.pooling))
+                                 str(m.kernel), float(m.gamma), int(m.t_stop), str(m.pooling), float(m.sigma))
 
     def run(self, ctx: RunContext) -> list[dict]:
         return run_sampler_method(ctx, self.name, self.recipe(ctx) if ctx.cfg.method.gamma > 0 else None)

@@ -20,7 +20,7 @@ RANGE_TYPES = ("uniform", "loguniform", "quniform", "randint", "lograndint")
 SWEEPABLE_PREFIXES = ("method.", "sampler.")
 SWEEPABLE_KEYS = ("seed", "bank.seed")
 # one bank per value combination, so they must take finitely many values.
-BANK_KEYS = ("method.pooling", "method.sigma", "method.rff_features", "method.rff_seed", "sampler.steps", "bank.seed")
+BANK_KEYS = ("method.pooling", "sampler.steps", "bank.seed")
 
 
 @dataclass(frozen=True)

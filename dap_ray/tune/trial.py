@@ -75,8 +75,8 @@ def build_banks(cfg: Any, dims: Sequence[Dim], backbone: Any, dataset: DatasetSp
     """Build (or reuse from the cache) every bank the space needs, once, on the driver.
 
     One bank covers every candidate layer and every DDIM timestep (so layer and t_stop sweeps share
-    it) and carries RFF statistics when `rbf` is among the kernels; keys in BANK_KEYS take one bank
-    per value combination.
+    it) and keeps per-image features (bank.max_per_class) for the RBF kernel; keys in BANK_KEYS take one
+    bank per value combination.
     """
     from dap_ray.bank import build_bank, make_spec
     from dap_ray.runtime import actor_count
@@ -87,14 +87,11 @@ def build_banks(cfg: Any, dims: Sequence[Dim], backbone: Any, dataset: DatasetSp
     else:
         layers = [guidance_layer(cfg)]
     layers += [str(x) for x in (cfg.bank.layers or []) if str(x) not in layers]
-    kernels = set(by_key["method.kernel"].values) if "method.kernel" in by_key else {cfg.method.kernel}
     bank_dims = [by_key[k] for k in BANK_KEYS if k in by_key]
     banks = {}
     for values in itertools.product(*(d.values for d in bank_dims)):
         combo = {d.key: v for d, v in zip(bank_dims, values)}
         c = apply_knobs(cfg, combo)
-        if "rbf" in kernels:
-            c.method.kernel = "rbf"
         spec = make_spec(c, backbone, layers)
         r = cfg.runtime
         bank = build_bank(spec, dataset, cache_dir, num_actors=actor_count(r.bank_actors, float(r.gpus_per_actor), float(r.cpus_per_actor), "runtime.bank_actors"),
