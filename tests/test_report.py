@@ -21,7 +21,7 @@ from dap_ray.config import EvaluateConfig, to_structured
 from dap_ray.data.types import ClassInfo
 from dap_ray.report import missing_links, write_report
 
-pytestmark = pytest.mark.integration  # matplotlib + PDF figures: a few seconds, no Ray
+# integration: matplotlib + PDF figures take a few seconds (no Ray); unit: reads files only
 
 METHODS = ("random_real", "vanilla", "dap")
 ARCHS = ("convnet", "resnetap10")
@@ -74,6 +74,7 @@ def run(tmp_path_factory) -> tuple[Path, dict]:
     return run, {"images": images, "table": table}
 
 
+@pytest.mark.integration
 def test_every_link_resolves_and_no_temp_path_is_named(run):
     out, _ = run
     md = (out / "report.md").read_text()
@@ -86,6 +87,7 @@ def test_every_link_resolves_and_no_temp_path_is_named(run):
     assert "n = 3 seeds per cell" in md and "95% Student-t confidence interval" in md
 
 
+@pytest.mark.integration
 def test_a_missing_plot_is_found(run, tmp_path):
     out, _ = run
     copy = tmp_path / "copy"
@@ -94,11 +96,13 @@ def test_a_missing_plot_is_found(run, tmp_path):
     assert missing_links((copy / "report.md").read_text(), str(copy)) == ["plots/grid_dap.png"]
 
 
+@pytest.mark.integration
 def test_table_heads_the_ipc_of_the_rows(run):
     _, facts = run
     assert "IPC 2," in facts["table"] and "IPC 10" not in facts["table"]
 
 
+@pytest.mark.integration
 def test_grid_is_native_resolution_without_empty_frames(run):
     out, facts = run
     fig = np.asarray(Image.open(out / "plots" / "grid_vanilla.png").convert("RGB"))
@@ -116,6 +120,7 @@ def test_grid_is_native_resolution_without_empty_frames(run):
     assert (fig[top:, right:] == 255).all()  # IPC 2: two columns, nothing (no empty frame) right of them
 
 
+@pytest.mark.integration
 def test_small_images_are_enlarged_by_whole_pixel_blocks(tmp_path):
     from dap_ray.report import plot_grid
 
@@ -126,6 +131,7 @@ def test_small_images_are_enlarged_by_whole_pixel_blocks(tmp_path):
     assert len(_find(fig, big)) == 1
 
 
+@pytest.mark.integration
 def test_pairs_put_vanilla_above_dap_of_the_same_file(run):
     out, facts = run
     fig = np.asarray(Image.open(out / "plots" / "pairs_vanilla_dap.png").convert("RGB"))
@@ -136,6 +142,7 @@ def test_pairs_put_vanilla_above_dap_of_the_same_file(run):
     assert not _find(fig, facts["images"][("random_real", "0", 0)])
 
 
+@pytest.mark.integration
 def test_evaluate_subsample_sets_head_their_own_ipc(tmp_path):
     data = tmp_path / "data"
     for c in CLASSES:
@@ -155,6 +162,7 @@ def test_evaluate_subsample_sets_head_their_own_ipc(tmp_path):
     assert missing_links((out / "report.md").read_text(), str(out)) == []
 
 
+@pytest.mark.integration
 def test_stages_report_rebuilds_from_out_dir_without_ray_dataset_or_model(run, tmp_path, capsys):
     """No Ray (an address where nothing answers), no dataset (a root that does not exist), no model."""
     import ray
@@ -179,9 +187,20 @@ def test_stages_report_rebuilds_from_out_dir_without_ray_dataset_or_model(run, t
     assert json.loads((copy / "results.json").read_text())["classes"][3] == {"index": 3, "key": "3", "name": "digit3"}
 
 
+@pytest.mark.integration
 def test_stages_report_without_results_is_one_line(tmp_path, capsys):
     from dap_ray.distill import main
 
     rc = main([f"out_dir={tmp_path / 'empty'}", "stages=[report]"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "has no results.json" in err[0]
+
+
+@pytest.mark.unit
+def test_docs_default_run_links_resolve_and_name_no_temp_dir():
+    """docs/default_run is a run folder's report.md and plots/ as the report wrote them."""
+    docs = Path(__file__).resolve().parent.parent / "docs" / "default_run"
+    md = (docs / "report.md").read_text()
+    assert "](plots/accuracy.png)" in md
+    assert missing_links(md, str(docs)) == []
+    assert "/tmp/" not in md and tempfile.gettempdir() + "/" not in md
