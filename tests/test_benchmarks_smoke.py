@@ -223,3 +223,14 @@ def test_eval_throughput_quick(bench_md):
         bench_md.write_text(before)
     assert eval_throughput.main(["--quick", "--out", str(bench_md)]) == 0
     _check_written(bench_md, before, "eval_throughput", "| convnet6 |", "| resnetap10 |", "| resnet18_in |", "trainings / hour")
+
+
+@pytest.mark.unit
+def test_dit_xl2_flops_are_twice_the_papers_multiply_adds():
+    """The DiT paper's 118.6 Gflops (Table 1, DiT-XL/2-256) are multiply-adds: a forward is ≈237 GFLOP."""
+    from benchmarks import gpu
+
+    assert gpu.dit_forward_flops(28, 256, 1152) / 2e9 == pytest.approx(118.6, rel=0.005)
+    assert gpu.GFLOPS_PER_FORWARD == pytest.approx(237.2, rel=0.005)
+    # DiT-B/2 (12 blocks, 768 wide): the paper's 23.0 Gflops
+    assert gpu.dit_forward_flops(12, 256, 768, patch_out=32) / 2e9 == pytest.approx(23.0, rel=0.02)
