@@ -529,6 +529,21 @@ def stored_classes(payload: dict) -> list[ClassInfo]:
     return [ClassInfo(i, str(k), str(k)) for i, k in enumerate(per_class)]
 
 
+def known_keys(stored: Any, node: Any, where: str = "") -> Any:
+    """`stored` without the keys the schema `node` no longer has (a results.json of an older dap_ray,
+    e.g. a removed knob): they label nothing in the report, and the rest still reads. Each dropped
+    key is logged."""
+    if not isinstance(stored, dict) or not OmegaConf.is_dict(node):
+        return stored
+    out = {}
+    for k, v in stored.items():
+        if k in node:
+            out[k] = known_keys(v, node.get(k), f"{where}{k}.")
+        else:
+            log.info("results.json: config key %s%s is not in this dap_ray's schema; left out of the report", where, k)
+    return out
+
+
 def rebuild_report(run_dir: str) -> str:
     """stages=[report]: report.md, plots/ and results.json written again from what the run left in
     run_dir (results.json, each method's images); no Ray, no dataset, no model. The run's own stored
@@ -544,8 +559,9 @@ def rebuild_report(run_dir: str) -> str:
     except ValueError as e:
         raise UserError(f"{run_dir}/results.json is not readable JSON ({e}); run the evaluation again") from None
     stored = payload.get("config") or {}
+    schema = EvaluateConfig if "data" in stored else DistillConfig
     try:
-        cfg = to_structured(OmegaConf.create(stored), EvaluateConfig if "data" in stored else DistillConfig)
+        cfg = to_structured(OmegaConf.create(known_keys(stored, OmegaConf.structured(schema))), schema)
     except ConfigError as e:
         raise UserError(f"{run_dir}/results.json holds a config this dap_ray cannot read ({e}); run the evaluation again") from None
     known = ("config", "summary", "rows", "metrics", "classes")

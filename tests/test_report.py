@@ -174,6 +174,9 @@ def test_stages_report_rebuilds_from_out_dir_without_ray_dataset_or_model(run, t
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "plots")
     (copy / "report.md").unlink()
+    res = json.loads((copy / "results.json").read_text())
+    res["config"]["method"]["rff_features"] = 4096  # a knob an older dap_ray had: the report still rebuilds
+    (copy / "results.json").write_text(json.dumps(res))
     ray_before = ray.is_initialized()
     rc = main([f"out_dir={copy}", "stages=[report]", "runtime.address=127.0.0.1:9", "dataset=imagefolder",
                f"dataset.root={tmp_path / 'nowhere'}", f"model.path={tmp_path / 'no_model'}"])
