@@ -142,3 +142,15 @@ def test_dit_xl2_without_path_is_a_user_error_not_the_digits_model():
     cfg = to_structured(compose("distill", ["model=dit_xl2_256"]))
     with pytest.raises(UserError, match="model.path is required for model=dit_xl2_256"):
         load_backbone(OmegaConf.to_container(cfg.model, resolve=True))
+
+
+def test_gpu_check_path_runs_on_cpu(xl_cfg):
+    """tests/test_gpu.py's run_dap (bank of two sizes, vanilla and DAP sampling) on the DiT-XL/2-width
+    model on the CPU: the GPU check only runs where a GPU is lent, so its code path is kept working here."""
+    from tests.test_gpu import run_dap
+
+    model = OmegaConf.to_container(xl_cfg.model, resolve=True) | {"default_layer": "1"}  # the 2-block cut's last block
+    res = run_dap(model, "cpu", torch.float32, n_small=1, n_large=2, steps=2, batch=1)
+    assert res["latent_shape"] == (4, 32, 32) and res["feature_dim"] == 256 * 1152
+    assert res["stats_shape_n1"] == res["stats_shape_n2"] == (256 * 1152,)
+    assert res["peak_vanilla"] is None  # no CUDA: no memory figures claimed
