@@ -54,6 +54,8 @@ class ModelConfig:
     prompt_template: str = "a photo of a {name}"  # SD only
     default_layer: str = "2"  # guidance layer when method.layer is null
     gamma_range: list[float] = field(default_factory=lambda: [1.0, 20.0])  # what sweeps explore for this backbone
+    cfg_scale: float = 2.0  # this model's classifier-free guidance scale, used when sampler.cfg_scale is null
+    tune_layers: list[str] = field(default_factory=lambda: ["1", "2", "3", "4"])  # guidance layers the shipped sweeps search
 
 
 @dataclass
@@ -84,7 +86,7 @@ class MethodConfig:
 class SamplerConfig:
     steps: int = 50
     eta: float = 0.0
-    cfg_scale: float = 2.0  # classifier-free guidance scale (1 = off)
+    cfg_scale: float | None = None  # classifier-free guidance scale (1 = off); null = model.cfg_scale (the model's own default)
     batch_size: int = 16  # images per forward
     # auto = bf16 when the model actors get GPUs (runtime.gpus_per_actor > 0), fp32 on CPU (CPU bf16 matmuls
     # are slow); fp32 on CUDA runs with TF32 matmuls. The bank runs in the same precision as the sampler.
@@ -222,6 +224,8 @@ def validate(cfg: Any) -> None:
     _check(0.0 < cfg.dataset.test_fraction < 1.0, "dataset.test_fraction", cfg.dataset.test_fraction, "0 < x < 1")
     _choice("model.type", cfg.model.type, MODEL_TYPES)
     _check(cfg.model.resolution >= 8, "model.resolution", cfg.model.resolution, "an integer >= 8")
+    _check(cfg.model.cfg_scale >= 1.0, "model.cfg_scale", cfg.model.cfg_scale, "a number >= 1 (1 = no classifier-free guidance)")
+    _check(len(cfg.model.tune_layers) >= 1, "model.tune_layers", list(cfg.model.tune_layers), "a non-empty list of layer names")
     _check(cfg.model.latent_scale is None or cfg.model.latent_scale > 0, "model.latent_scale", cfg.model.latent_scale,
            "null (the VAE's scaling_factor) or a number > 0")
     m = cfg.method
@@ -243,7 +247,8 @@ def validate(cfg: Any) -> None:
     s = cfg.sampler
     _check(1 <= s.steps <= 1000, "sampler.steps", s.steps, "an integer in [1, 1000]")
     _check(0.0 <= s.eta <= 1.0, "sampler.eta", s.eta, "a number in [0, 1]")
-    _check(s.cfg_scale >= 1.0, "sampler.cfg_scale", s.cfg_scale, "a number >= 1 (1 = no classifier-free guidance)")
+    _check(s.cfg_scale is None or s.cfg_scale >= 1.0, "sampler.cfg_scale", s.cfg_scale,
+           "null (model.cfg_scale) or a number >= 1 (1 = no classifier-free guidance)")
     _check(s.batch_size >= 1, "sampler.batch_size", s.batch_size, "an integer >= 1")
     _choice("sampler.dtype", s.dtype, DTYPES)
     _check(cfg.bank.batch_size >= 1, "bank.batch_size", cfg.bank.batch_size, "an integer >= 1")
@@ -290,6 +295,18 @@ def resolve_dtype(cfg: Any) -> str:
     if cfg.sampler.dtype == "auto":
         cfg.sampler.dtype = "bf16" if float(cfg.runtime.gpus_per_actor) > 0 else "fp32"
     return str(cfg.sampler.dtype)
+
+
+def cfg_scale(cfg: Any) -> float:
+    """The CFG scale the sampler (and D3HR's inversion) use: sampler.cfg_scale, or the model's own."""
+    return float(cfg.sampler.cfg_scale if cfg.sampler.cfg_scale is not None else cfg.model.cfg_scale)
+
+
+def resolve_cfg_scale(cfg: Any) -> float:
+    """sampler.cfg_scale=null -> model.cfg_scale, set in place once on the driver, so config.yaml, the
+    method hashes and every trial see the number that was used. Returns it."""
+    cfg.sampler.cfg_scale = cfg_scale(cfg)
+    return float(cfg.sampler.cfg_scale)
 
 
 def guidance_layer(cfg: Any) -> str:

@@ -8,6 +8,7 @@ same command after a crash resumes it.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -21,12 +22,14 @@ from dap_ray.cli import run_main
 from dap_ray.config import (
     config_hash,
     guidance_layer,
+    resolve_cfg_scale,
     resolve_dtype,
     to_structured,
     validate,
     validate_against_backbone,
 )
 from dap_ray.errors import UserError
+from dap_ray.sampling import guidance_strength
 from dap_ray.storage import expand, write_bytes
 
 if TYPE_CHECKING:
@@ -93,6 +96,20 @@ def write_manifest(run_dir: str, method: str, rows: list[dict], h: str) -> str:
     return path
 
 
+STRENGTH_FILE = "guidance_strength.json"
+
+
+def read_guidance_strength(run_dir: str, methods: Sequence[str]) -> dict[str, dict]:
+    """{method: {"mean", "per_step", "images"}} of the guided methods of a run (their guidance_strength.json):
+    the mean |Δε| / |ε| of a guided step, the number to compare γ by across layers, poolings and kernels."""
+    out = {}
+    for name in methods:
+        fs, p = fsspec.core.url_to_fs(f"{run_dir}/{name}/{STRENGTH_FILE}")
+        if fs.exists(p):
+            out[name] = json.loads(fs.cat_file(p))
+    return out
+
+
 def check_locations(cfg: Any) -> None:
     """Every place the run reads or writes, checked before anything is read or written: exit 2 with
     one line (a file as out_dir, no S3 credentials, a missing bucket), never a traceback later."""
@@ -112,6 +129,7 @@ def prepare(cfg_raw: Any) -> tuple[Any, Any, Any]:
     cfg = to_structured(cfg_raw)
     validate(cfg)
     resolve_dtype(cfg)  # sampler.dtype=auto -> bf16 / fp32, once, for every actor, hash and cache key
+    resolve_cfg_scale(cfg)  # sampler.cfg_scale=null -> the model's own (model.cfg_scale)
     check_locations(cfg)
     ds = cfg.dataset
     dataset = resolve_dataset(ds.name, ds.root, OmegaConf.to_container(ds.classes) if OmegaConf.is_config(ds.classes) else ds.classes,
@@ -197,6 +215,10 @@ def run(cfg_raw: Any) -> int:
                 if len(ctx.skipped) > n_skipped:
                     log.warning("%s: %d unreadable input file(s) skipped; listed in %s", m.name, len(ctx.skipped) - n_skipped, skipped_csv)
                 write_manifest(run_dir, m.name, rows, h)
+                strength = guidance_strength(rows)
+                if strength is not None:  # kept beside the images: a resumed run that renders nothing still reports it
+                    write_bytes(fs, f"{rp}/{m.name}/{STRENGTH_FILE}", json.dumps(strength, indent=1).encode())
+                    log.info("%s: guidance strength |Δε|/|ε| = %.3g (mean over guided steps)", m.name, strength["mean"])
                 timings[f"sample/{m.name}"] = time.time() - t0
                 log.info("%s: %d images in %s/%s/images (%.1fs)", m.name, len(rows), run_dir, m.name, timings[f"sample/{m.name}"])
         ctx.sampler_pool = None
@@ -228,6 +250,7 @@ def run(cfg_raw: Any) -> int:
         from dap_ray.report import write_report
 
         extra = {"timings_s": {k: round(v, 1) for k, v in timings.items()}, "ray": ray_info, "skipped": len(ctx.skipped),
+                 "guidance_strength": read_guidance_strength(run_dir, [m.name for m in methods]),
                  "bank": None if bank is None else {k: bank.meta.get(k) for k in ("key", "images", "images_per_second", "image_timesteps_per_second", "build_seconds", "reused")}}
         table = write_report(cfg, run_dir, results, extra)
     elif "report" in cfg.stages:  # no evaluation this time: the report of the run's stored results, with its images now

@@ -51,6 +51,7 @@ def initial_noise(shape: Sequence[int], *seed_parts: object) -> torch.Tensor:
 class StepInfo:
     t: int
     energy: torch.Tensor | None  # (B,) energy before the guided update, when guided
+    strength: torch.Tensor | None = None  # (B,) |eps_hat - eps| / |eps| of the guided update, when guided
 
 
 def sample_latents(
@@ -83,13 +84,16 @@ def sample_latents(
         a_prev = ddim.alpha_bar(ab, ts[i + 1] if i + 1 < len(ts) else -1, fa)
         with torch.no_grad():
             eps = backbone.eps(x, t, y, cfg_scale)
-        energy = None
+        energy = strength = None
         if guidance is not None and guidance.gamma > 0 and guidance.applies(t):
             # ∇E through the backbone's forward cut at the guidance layer, conditional branch only.
             grad, energy = energy_gradient(lambda z, t=t: guidance.energy(backbone, z, t, y), x)
-            eps = guided_eps(eps, grad, guidance.gamma, a_t)
+            guided = guided_eps(eps, grad, guidance.gamma, a_t)
+            # the guidance strength users compare across layers, poolings and kernels (results.json)
+            strength = (guided - eps).flatten(1).norm(dim=1) / eps.flatten(1).norm(dim=1).clamp_min(1e-12)
+            eps = guided
         if trace is not None:
-            trace.append(StepInfo(t, energy))
+            trace.append(StepInfo(t, energy, strength))
         z = None
         if eta > 0:
             z = torch.randn(x.shape, generator=eta_generator).to(x.device)
@@ -246,16 +250,37 @@ class SamplerWorker:
         guidance = self.guidance
         if guidance is not None and hasattr(guidance, "for_item"):  # per-image targets (DIVER's inherited latents)
             guidance = guidance.for_item(self.backbone, item, seeds)
+        trace: list[StepInfo] = []
         lat = sample_latents(self.backbone, x, y, self.job.steps, self.job.cfg_scale, self.job.eta, guidance,
-                             eta_generator=torch.Generator().manual_seed(seeds[0]), start_t=start_t)
+                             eta_generator=torch.Generator().manual_seed(seeds[0]), start_t=start_t, trace=trace)
+        guided = [s for s in trace if s.strength is not None]
         with torch.no_grad():
             images = self.backbone.tensor_to_images(self.backbone.decode(lat))
         out = []
         for j, i in enumerate(range(item.start, item.stop)):
             if i in todo:
                 write_png_atomic(image_path(self.job.out_dir, key, i), images[j])
-            out.append({"class": key, "label": item.label, "index": i, "seed": seeds[j]})
+            row = {"class": key, "label": item.label, "index": i, "seed": seeds[j]}
+            if guided:  # {t: |Δε|/|ε|} of this image's guided steps
+                row["guidance_strength"] = {int(s.t): float(s.strength[j]) for s in guided}
+            out.append(row)
         return out
+
+
+def guidance_strength(rows: Sequence[dict]) -> dict | None:
+    """Mean |Δε| / |ε| of the guided steps over the images rendered (rows of SamplerWorker.render):
+    {"mean": over every (image, guided step), "per_step": {t: mean over images}, "images": n};
+    None when no row was guided (vanilla, γ = 0, or every image already on disk)."""
+    per_step: dict[int, list[float]] = {}
+    for r in rows:
+        for t, v in (r.get("guidance_strength") or {}).items():
+            per_step.setdefault(int(t), []).append(float(v))
+    if not per_step:
+        return None
+    values = [v for vs in per_step.values() for v in vs]
+    return {"mean": sum(values) / len(values),
+            "per_step": {t: sum(vs) / len(vs) for t, vs in sorted(per_step.items(), reverse=True)},
+            "images": sum(1 for r in rows if r.get("guidance_strength"))}
 
 
 def work_items(method: str, num_classes: int, ipc: int, batch_size: int) -> list[WorkItem]:

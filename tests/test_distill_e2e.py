@@ -41,6 +41,8 @@ def test_distill_writes_results_report_and_plots(reduced_run):
     assert all(0.0 <= r["acc"] <= 1.0 for r in res["rows"])
     assert {"bank", "total"} <= set(res["timings_s"])
     assert res["bank"]["images_per_second"] > 0
+    gs = res["guidance_strength"]  # mean |Δε|/|ε| of DAP's guided steps, per step
+    assert set(gs) == {"dap"} and gs["dap"]["mean"] > 0 and gs["dap"]["images"] == 20 and gs["dap"]["per_step"]
     md = (out / "report.md").read_text()
     assert "| random_real |" in md and "| dap |" in md and "±" in md
     for png in ("accuracy.png", "grid_random_real.png", "grid_vanilla.png", "grid_dap.png", "tsne.png"):
@@ -72,6 +74,7 @@ def test_rerun_reuses_everything(reduced_run, tiny_dit_dir):
     assert {p: p.stat().st_mtime_ns for p in evals} == evals
     res = json.loads((out / "results.json").read_text())
     assert res["bank"]["reused"] is True
+    assert res["guidance_strength"]["dap"]["images"] == 20  # nothing rendered again: read back from dap/guidance_strength.json
 
 
 def test_changed_config_refuses_existing_out_dir(reduced_run, tiny_dit_dir):

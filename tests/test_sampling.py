@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from dap_ray.guidance import class_energy
 from dap_ray.methods.dap import DAPGuidance, DAPGuidanceRecipe
 from dap_ray.sampling import (
     SamplerJob,
+    StepInfo,
+    guidance_strength,
     initial_noise,
     run_pool,
     sample_latents,
@@ -126,6 +129,47 @@ def test_rbf_moves_samples_as_far_from_vanilla_as_linear(digits_bank):
     ratio = moved["rbf"] / moved["linear"]
     assert moved["linear"] > 0.05 * float(van.flatten(1).norm(dim=1).mean())  # the linear kernel does guide
     assert 0.2 < ratio < 5.0, moved
+
+
+class _PullToZero:
+    """A real guidance term: E(x_t) = mean of x_t², applied while t > 500."""
+
+    def __init__(self, gamma: float):
+        self.gamma = gamma
+
+    def applies(self, t: int) -> bool:
+        return t > 500
+
+    def energy(self, backbone, x_t: torch.Tensor, t: int, y: torch.Tensor) -> torch.Tensor:
+        return (x_t * x_t).flatten(1).mean(1)
+
+
+@pytest.mark.integration
+def test_trace_records_guidance_strength_on_guided_steps_only(tiny_dit_dir):
+    bb = load_backbone({"type": "dit", "path": str(tiny_dit_dir)})
+    y = torch.tensor([0, 1])
+    x = torch.stack([initial_noise(bb.latent_shape, 0, "g", i) for i in range(2)])
+    traces = {}
+    for gamma in (1.0, 2.0):
+        traces[gamma] = []
+        sample_latents(bb, x, y, steps=4, cfg_scale=2.0, guidance=_PullToZero(gamma), trace=traces[gamma])
+    first = traces[1.0][0]
+    with torch.no_grad():
+        eps = bb.eps(x, first.t, y, 2.0)
+    abar = float(bb.alphas_cumprod[first.t])
+    grad = 2 * x / x[0].numel()  # ∇ mean(x²)
+    expected = 1.0 * math.sqrt(1 - abar) * grad.flatten(1).norm(dim=1) / eps.flatten(1).norm(dim=1)
+    torch.testing.assert_close(first.strength, expected, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(traces[2.0][0].strength, 2 * expected, rtol=1e-4, atol=1e-7)  # same x at the first step
+    assert [s.t > 500 for s in traces[1.0]] == [s.strength is not None for s in traces[1.0]]
+
+    rows = [{"index": 0, "guidance_strength": {900: 0.2, 700: 0.1}}, {"index": 1, "guidance_strength": {900: 0.4, 700: 0.3}},
+            {"index": 2}]
+    g = guidance_strength(rows)
+    assert g["per_step"] == pytest.approx({900: 0.3, 700: 0.2}) and g["mean"] == pytest.approx(0.25) and g["images"] == 2
+    assert list(g["per_step"]) == [900, 700]  # in sampling order
+    assert guidance_strength([{"index": 0}]) is None
+    assert StepInfo(5, None).strength is None
 
 
 def _job(tiny_dit_dir: Path, out: Path, guidance=None) -> SamplerJob:

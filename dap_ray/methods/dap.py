@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from dap_ray.backbones import pool_features
-from dap_ray.config import guidance_layer
+from dap_ray.config import cfg_scale, guidance_layer
 from dap_ray.guidance import class_energy, energy_exact, median_bandwidth
 from dap_ray.methods.base import Method, RunContext
 from dap_ray.sampling import SamplerJob, work_items
@@ -93,7 +93,7 @@ def sampler_job(ctx: RunContext, name: str, guidance=None, start=None) -> Sample
         out_dir=ctx.method_dir(name),
         seed=int(cfg.seed),
         steps=int(cfg.sampler.steps),
-        cfg_scale=float(cfg.sampler.cfg_scale),
+        cfg_scale=cfg_scale(cfg),
         eta=float(cfg.sampler.eta),
         dtype=str(cfg.sampler.dtype),
         guidance=guidance,

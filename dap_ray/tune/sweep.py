@@ -26,6 +26,7 @@ from dap_ray.cli import run_main
 from dap_ray.config import (
     TuneConfig,
     config_hash,
+    resolve_cfg_scale,
     resolve_dtype,
     to_structured,
     validate,
@@ -125,6 +126,7 @@ def run(cfg_raw: Any) -> int:
     cfg = to_structured(cfg_raw, TuneConfig)
     validate(cfg)
     resolve_dtype(cfg)  # sampler.dtype=auto -> bf16 / fp32 once: trials and banks see the resolved name
+    resolve_cfg_scale(cfg)  # sampler.cfg_scale=null -> model.cfg_scale, unless the space sweeps it
     dims = validate_tune(cfg)
     t = cfg.tune
     cfg.ipc = int(t.ipc)  # trials sample tune.ipc images per class
