@@ -70,11 +70,11 @@ class MethodConfig:
     sigma: float = 1.0  # RBF bandwidth = sigma x the median pairwise distance of the class's kept real features at t
     pooling: str = "tokens"  # tokens = full feature map, mean = pooled over tokens/space
     # D3HR
-    d3hr_groups: int = 1000  # candidate noise groups
-    d3hr_inversion_steps: int = 50
-    d3hr_stats: list[str] = field(default_factory=lambda: ["mean", "std", "skew"])
-    d3hr_invert_t: int | None = None  # timestep the inversion stops at; null = the top (full inversion, the paper)
-    d3hr_inversion_cfg: float = 1.0  # CFG scale of the inversion (1 = conditional only, exactly invertible ODE)
+    d3hr_groups: int = 100000  # candidate noise groups (released group_sampling.py --m 100000)
+    d3hr_inversion_steps: int = 50  # released: 50-step DDIM inversion
+    d3hr_stats: list[str] = field(default_factory=lambda: ["mean", "std", "skew"])  # released score terms (kurtosis: ours)
+    d3hr_invert_t: int | None = 600  # timestep the inversion stops at, statistics and generation start (released: t=600); null = full inversion (paper)
+    d3hr_inversion_cfg: float | None = None  # CFG of the inversion; null = the sampler's (released: the same 4.0 as generation)
     # DIVER
     diver_source: str | None = None  # an ImageFolder of distilled images to refine; null = this run's random_real
     diver_start_t: int = 600
@@ -240,7 +240,8 @@ def validate(cfg: Any) -> None:
     for s in m.d3hr_stats:
         _choice("method.d3hr_stats", s, ("mean", "std", "skew", "kurtosis"))
     _check(m.d3hr_invert_t is None or m.d3hr_invert_t >= 0, "method.d3hr_invert_t", m.d3hr_invert_t, "null (full inversion) or an integer in [0, T]")
-    _check(m.d3hr_inversion_cfg >= 1.0, "method.d3hr_inversion_cfg", m.d3hr_inversion_cfg, "a number >= 1 (1 = no classifier-free guidance)")
+    _check(m.d3hr_inversion_cfg is None or m.d3hr_inversion_cfg >= 1.0, "method.d3hr_inversion_cfg", m.d3hr_inversion_cfg,
+           "null (the sampler's CFG) or a number >= 1 (1 = no classifier-free guidance)")
     _check(m.diver_start_t >= 0, "method.diver_start_t", m.diver_start_t, "an integer in [0, T]")
     _check(m.diver_fusion_t >= 0, "method.diver_fusion_t", m.diver_fusion_t, "an integer in [0, T]")
     _check(m.diver_gamma >= 0, "method.diver_gamma", m.diver_gamma, "a number >= 0")

@@ -25,6 +25,7 @@ from dap_ray.methods.d3hr import (
     load_class_stats,
     select_group,
     select_noises,
+    skewness_batch,
 )
 from dap_ray.sampling import sample_latents
 
@@ -128,59 +129,72 @@ def test_distribution_stats_match_scipy():
     assert torch.all(one["skew"] == 0) and torch.all(one["kurtosis"] == 0)
 
 
-def _constructed_groups() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Four groups of 4 noises in D=3 against a class with mean 0, std 1, skew 0, kurtosis -2:
-    index 0: mean off by 0.5; 1: right mean/std, skewed; 2: exact match; 3: std doubled."""
-    sym = torch.tensor([-1.0, 1.0, -1.0, 1.0], dtype=torch.float64)[:, None].expand(4, 3)  # mean 0, std 1, skew 0, kurt -2
-    a = 1 / math.sqrt(3)
-    skewed = torch.tensor([a, a, a, -3 * a], dtype=torch.float64)[:, None].expand(4, 3)  # mean 0, std 1, skew -2/sqrt(3)
-    cands = torch.stack([sym + 0.5, skewed, sym, 2 * sym])
-    target = {"mean": torch.zeros(3), "std": torch.ones(3), "skew": torch.zeros(3), "kurtosis": torch.full((3,), -2.0)}
-    return cands, target
+def _released_score(samples: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """A transcription of the released D3HR evaluate_distribution_batch / skewness_batch
+    (lin-zhao-resoLve/D3HR generation/group_sampling.py), float64."""
+    m = torch.mean(samples, dim=1, keepdim=True)
+    s = torch.std(samples, dim=1, keepdim=True)
+    n = samples.size(2)
+    skew = torch.sum(((samples - m) / s) ** 3, dim=2) * (n / ((n - 1) * (n - 2)))
+    return (torch.norm(torch.mean(samples, dim=1) - mean, dim=1) + torch.norm(torch.std(samples, dim=1) - std, dim=1)
+            + 0.1 * torch.norm(skew, dim=1))
 
 
 @pytest.mark.unit
-def test_select_group_picks_statistically_closest():
-    cands, target = _constructed_groups()
-    d = group_distances(cands, target, ["mean", "std", "skew"])
-    # d(g) = Σ_s w_s ||s(g) - s_c|| / sqrt(D): every dimension is off by the same amount here
-    expected = torch.tensor([0.5, 0.1 * 2 / math.sqrt(3), 0.0, 1.0], dtype=torch.float64)
-    torch.testing.assert_close(d, expected, atol=1e-9, rtol=0)
-    assert select_group(cands, target, ["mean", "std", "skew"]) == 2
-    assert select_group(cands, target, ["mean", "std", "skew", "kurtosis"]) == 2
-    # a permutation of the candidates moves the answer with the exact-match group
-    perm = torch.tensor([2, 0, 3, 1])
-    assert select_group(cands[perm], target, ["mean", "std", "skew"]) == 0
-    # one statistic alone: ties are broken by the first index (mean: groups 1, 2, 3 all have mean 0)
-    assert select_group(cands, target, ["mean"]) == 1
-    assert select_group(cands, target, ["std"]) == 0  # a shift keeps the std
-    # skewness decides between two groups with equal mean and std
-    assert select_group(cands[[1, 2]], target, ["skew"]) == 1
+def test_group_distance_is_the_released_score():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 24, generator=g, dtype=torch.float64) * 0.8 + 0.3  # a class's inverted latents
+    target = {"count": torch.tensor([400]), **distribution_stats(real, 0)}  # population moments, as cached
+    cands = target["mean"] + target["std"] * torch.randn(50, 6, 24, generator=g, dtype=torch.float64)
+    ours = group_distances(cands, target, ["mean", "std", "skew"])
+    ref = _released_score(cands, real.mean(0), real.std(0)) / math.sqrt(24)  # released: unbiased std of the class
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    assert select_group(cands, target, ["mean", "std", "skew"]) == int(torch.argmin(ref))
+    # the skewness term (per noise, summed over dimensions): 0 when each noise's cubed standardised
+    # values cancel across dimensions, not when every dimension leans the same way
+    cancel = torch.tensor([[-1.0, 1.0, -1.0, 1.0], [1.0, -1.0, 1.0, -1.0]], dtype=torch.float64)
+    lean = torch.tensor([[-1.0, -1.0, -1.0, -1.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    t3 = {"mean": torch.zeros(4), "std": torch.ones(4), "skew": torch.zeros(4), "kurtosis": torch.zeros(4)}
+    two = torch.stack([lean, cancel])
+    assert float(skewness_batch(cancel[None]).abs().max()) == 0.0 and float(skewness_batch(lean[None]).abs().max()) > 0.1
+    assert select_group(two, t3, ["skew"]) == 1
+    assert select_group(torch.stack([cancel + 0.5, cancel]), t3, ["mean"]) == 1
+    assert select_group(torch.ones(2, 1, 4) * torch.tensor([[[1.0]], [[0.0]]]), t3, ["mean", "std", "skew"]) == 1  # IPC 1: std/skew 0
     with pytest.raises(Exception, match="d3hr_stats"):
-        select_group(cands, target, ["median"])
+        select_group(two, t3, ["median"])
 
 
 @pytest.mark.unit
-def test_select_noises_deterministic_chunk_independent_and_monotone(monkeypatch):
+def test_select_noises_deterministic_vectorised_and_monotone(monkeypatch):
     x = torch.from_numpy(np.random.default_rng(1).standard_normal((300, 16)) * 0.7 + 0.2)
-    target = distribution_stats(x, 0)
+    target = {"count": torch.tensor([300]), **distribution_stats(x, 0)}
+    monkeypatch.setattr(d3hr, "BLOCK_ELEMENTS", 5 * 16 * 7)  # 7 groups per block: 10 and 40 groups span blocks
     n10, i10, d10 = select_noises(target, 5, 10, ["mean", "std", "skew"], 7, "3")
     again = select_noises(target, 5, 10, ["mean", "std", "skew"], 7, "3")
     assert torch.equal(n10, again[0]) and i10 == again[1]
-    # the chosen noises are group i of class "3": its own generator, whatever the chunking
-    assert torch.equal(n10, candidate_group(target["mean"], target["std"], 5, 7, "d3hr", "3", i10))
-    monkeypatch.setattr(d3hr, "CHUNK_ELEMENTS", 5 * 16 * 3)  # 3 groups per chunk
-    n10c, i10c, d10c = select_noises(target, 5, 10, ["mean", "std", "skew"], 7, "3")
-    assert torch.equal(n10, n10c) and i10 == i10c and d10 == d10c
+    # the chosen noises are group i of class "3", whatever the number drawn
+    assert torch.equal(n10, candidate_group(target["mean"], target["std"], 5, 7, "3", i10))
     # more groups keep the first ones: the best distance can only go down
     _, i40, d40 = select_noises(target, 5, 40, ["mean", "std", "skew"], 7, "3")
     assert d40 <= d10 and (i40 == i10 or i40 >= 10)
     # another class (or run seed) draws other groups
     assert not torch.equal(n10, select_noises(target, 5, 10, ["mean", "std", "skew"], 7, "4")[0])
-    # the selection beats a typical group: its distance is below the median of all candidates
-    cands = torch.stack([candidate_group(target["mean"], target["std"], 5, 7, "d3hr", "3", g) for g in range(40)])
+    cands = torch.stack([candidate_group(target["mean"], target["std"], 5, 7, "3", g) for g in range(40)])
     assert d40 == pytest.approx(float(group_distances(cands, target, ["mean", "std", "skew"]).min()))
     assert d40 < float(group_distances(cands, target, ["mean", "std", "skew"]).median())
+
+
+@pytest.mark.unit
+def test_released_group_count_is_vectorised():
+    """100,000 groups (the released count) in a few generator blocks: the last group is drawn, and
+    the pick is at least as good as the best of the first 1,000."""
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal((200, 16)))
+    target = {"count": torch.tensor([200]), **distribution_stats(x, 0)}
+    assert (100_000 + d3hr.block_size(2, 16) - 1) // d3hr.block_size(2, 16) <= 2
+    noises, i, d = select_noises(target, 2, 100_000, ["mean", "std", "skew"], 0, "7")
+    assert 0 <= i < 100_000 and noises.shape == (2, 16)
+    _, _, d1k = select_noises(target, 2, 1000, ["mean", "std", "skew"], 0, "7")
+    assert d <= d1k
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +279,7 @@ def test_selected_noises_file_and_start_recipe(tiny_dit_dir, tmp_path):
     parts = [start.latents(bb, WorkItem("d3hr", 3, a, b), seeds=[0] * (b - a))[0] for a, b in ((0, 1), (1, 4))]
     assert t == 600 and whole.shape == (4, 1, 8, 8)
     assert torch.equal(torch.cat(parts), whole)
-    want = candidate_group(torch.from_numpy(x.mean(0).numpy()), x.std(0, unbiased=False), 4, 0, "d3hr", "3", info["group"])
+    want = candidate_group(torch.from_numpy(x.mean(0).numpy()), x.std(0, unbiased=False), 4, 0, "3", info["group"])
     assert torch.equal(whole.reshape(4, 64), want)
     with pytest.raises(RuntimeError, match="holds 4 noises"):
         start.latents(bb, WorkItem("d3hr", 3, 2, 6), seeds=[0] * 4)

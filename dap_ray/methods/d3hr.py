@@ -12,31 +12,38 @@ What the paper does, and how it maps onto this pipeline
    (population moments, two-pass, float64, rows sorted by image id so the numbers do not depend on
    the order in which actors finish). Cached per class under ``<cache_dir>/d3hr/<key>/``, the key a
    hash of (model content, dataset files, inversion steps/target/CFG, resolution) like the bank's.
-3. **Group sampling.** ``method.d3hr_groups`` candidate groups of IPC noises are drawn from
-   N(μ_c, diag σ_c²); group g of class c has its own generator seeded by (run seed, "d3hr", c, g), so
-   a group does not depend on how many others are drawn (more groups can only lower the best
-   distance). The group whose statistics best match the class's is kept (:func:`select_group`).
-   One Ray task per class; the chosen noises are written to ``<run>/d3hr/noises/<class>.safetensors``.
-4. **Generation.** Plain DDIM (CFG as ``sampler.cfg_scale``) from the selected noises, through the
-   shared sampler actor pool: :class:`D3HRStart` hands each work item its rows of the class's noise
-   file, so the images are the same bytes for any pool size.
+3. **Group sampling.** ``method.d3hr_groups`` candidate groups of IPC noises (100,000 by default: the
+   released ``group_sampling.py --m``) are drawn from N(μ_c, diag σ_c²), vectorised: block k of
+   groups comes from one generator seeded by (run seed, "d3hr", c, k), the block size fixed by
+   (IPC, D) alone, so group g does not depend on how many others are drawn (more groups can only
+   lower the best distance) nor on how they are evaluated. The group whose statistics best match
+   the class's is kept (:func:`select_group`). One Ray task per class; the chosen noises are
+   written to ``<run>/d3hr/noises/<class>.safetensors``.
+4. **Generation.** Plain DDIM from the selected noises at the inversion's level, through the shared
+   sampler actor pool, with the sampler's CFG scale (the same one the inversion used, as released):
+   :class:`D3HRStart` hands each work item its rows of the class's noise file, so the images are the
+   same bytes for any pool size.
 
-Group distance (documented choice)
-----------------------------------
-    d(g) = Σ_{s ∈ method.d3hr_stats} w_s · ‖ŝ(g) − s_c‖₂ / √D
+Group distance: the released score (``generation/group_sampling.py``)
+---------------------------------------------------------------------
+    d(g) = [ ‖mean(g) − μ_c‖₂ + ‖std(g) − σ_c‖₂ + 0.1 ‖skewness_batch(g)‖₂ (+ 0.1 ‖kurt(g) − kurt_c‖₂) ] / √D
 
-ŝ(g) is statistic s over the IPC noises of group g, per dimension (the same population estimator as
-for the class), s_c the class's; D the latent size. Weights: mean 1, std 1, skew 0.1 (the authors'
-released ``generation/group_sampling.py``), kurtosis 0.1 (ours: the paper has no kurtosis term). The
-1/√D makes d a root-mean-square per dimension (comparable across models; the argmin is unchanged).
-The released code compares a group's skewness with 0 (a Gaussian's); we compare it with the class's
-own skewness, which is ≈ 0 exactly when the inversion reached a high-normality domain, and stays
-faithful when it did not (a partial inversion, ``method.d3hr_invert_t``).
+with the released estimators: std(g) the unbiased std over the group's IPC noises per dimension,
+σ_c the unbiased std of the class's inverted latents, and ``skewness_batch``: each noise of the group
+standardised by the group's per-dimension mean and std, cubed, summed over the D dimensions and scaled
+by D / ((D − 1)(D − 2)), giving one value per noise, whose L2 norm over the group is the term (the
+released code drives it to 0, a Gaussian's skewness). ``method.d3hr_stats`` picks the terms; the
+kurtosis term is ours (not in the released code). The common 1/√D (a per-dimension scale, comparable
+across models) does not change which group wins.
 
-Reading of the reference code (lin-zhao-resoLve/D3HR): it inverts with CFG 4 and stops around
-t ≈ 600 of 1000, then generates from there. Our defaults follow the paper's text (full inversion,
-CFG 1 = the exactly invertible conditional ODE); ``method.d3hr_invert_t`` and
-``method.d3hr_inversion_cfg`` reproduce the code's choices.
+Released settings followed (lin-zhao-resoLve/D3HR, ``generation/dit_inversion_save_statistic.py``
+and ``group_sampling.py``): the inversion runs the 50-step DDIM schedule with the same CFG as
+generation (4.0 for DiT-XL/2: ``model.cfg_scale``) and the statistics are taken at t = 600 of 1000
+(``invert`` keeps steps 24–38, ``--i_step 6`` picks t = 600), which is ``method.d3hr_invert_t``'s
+default; generation starts there. (The released generation starts one step higher, ``--start_step
+18`` = t 620; we start at the statistics' own level.) ``method.d3hr_invert_t=null`` is the paper's
+full inversion. The released loop draws ``m // 10`` batches of 10,000 groups (10^8 for m = 100,000);
+we draw ``m`` = 100,000 groups, the count its ``--m`` states.
 """
 
 from __future__ import annotations
@@ -57,7 +64,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from dap_ray import ddim
-from dap_ray.config import config_hash
+from dap_ray.config import cfg_scale, config_hash
 from dap_ray.data.types import ClassInfo, DatasetSplits
 from dap_ray.ddim import final_alpha, schedule
 from dap_ray.errors import ConfigError, UserError
@@ -70,7 +77,7 @@ log = logging.getLogger(__name__)
 
 STATS = ("mean", "std", "skew", "kurtosis")
 STAT_WEIGHTS = {"mean": 1.0, "std": 1.0, "skew": 0.1, "kurtosis": 0.1}
-CHUNK_ELEMENTS = 1 << 22  # candidate values evaluated at once (bounds memory: 32 MB in float64)
+BLOCK_ELEMENTS = 1 << 23  # candidate values drawn per generator block (32 MB in float32); fixes the block size per (IPC, D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,18 +151,51 @@ def _check_stats(stats: Sequence[str]) -> list[str]:
     return out
 
 
+def skewness_batch(candidates: torch.Tensor) -> torch.Tensor:
+    """The released D3HR ``skewness_batch``: candidates (G, n, D) -> (G, n).
+
+    Each noise is standardised by its group's per-dimension mean and unbiased std, cubed and summed
+    over the D dimensions, times D / ((D - 1)(D - 2)) (the released code's factor, with n the feature
+    size). A dimension where the group's std is 0 (one noise, or equal values) contributes 0."""
+    mean = candidates.mean(1, keepdim=True)  # (G, 1, D)
+    std = group_std(candidates).unsqueeze(1)  # (G, 1, D)
+    ok = std > 0
+    z = torch.where(ok, (candidates - mean) / torch.where(ok, std, torch.ones_like(std)), torch.zeros_like(candidates))
+    D = candidates.shape[-1]
+    factor = D / ((D - 1) * (D - 2)) if D > 2 else 1.0
+    return (z**3).sum(2) * factor  # (G, n)
+
+
+def group_std(candidates: torch.Tensor) -> torch.Tensor:
+    """Unbiased std over each group's noises (torch.std's default, as released): (G, n, D) -> (G, D); 0 for n = 1."""
+    if candidates.shape[1] < 2:
+        return torch.zeros_like(candidates[:, 0])
+    return candidates.std(1)
+
+
 def group_distances(candidates: torch.Tensor, target: dict[str, torch.Tensor], stats: Sequence[str]) -> torch.Tensor:
-    """d(g) = Σ_s w_s ‖ŝ(g) − s_c‖₂ / √D for candidates (G, n, D) against class statistics {s: (D,)} -> (G,) float64."""
+    """The released score / √D for candidates (G, n, D) against a class's statistics -> (G,) float64.
+
+    target: {"mean", "std", "kurtosis": (D,), "count": N (optional)} with the population std of the
+    class's N inverted latents (as cached); it is turned into the unbiased one the released code uses."""
     stats = _check_stats(stats)
     if candidates.ndim != 3:
         raise ValueError(f"candidates must be (groups, ipc, dim); got shape {tuple(candidates.shape)}")
-    c = candidates.to(torch.float64)
+    c = candidates.float()
     D = c.shape[-1]
-    g = distribution_stats(c, dim=1)  # each (G, D)
     dist = torch.zeros(c.shape[0], dtype=torch.float64)
+    n_class = int(target["count"].reshape(-1)[0]) if "count" in target else 0
     for s in stats:
-        tgt = target[s].to(torch.float64).reshape(1, D)
-        dist = dist + STAT_WEIGHTS[s] * (g[s] - tgt).norm(dim=1) / math.sqrt(D)
+        if s == "mean":
+            term = (c.mean(1) - target["mean"].float().reshape(1, D)).norm(dim=1)
+        elif s == "std":
+            sigma = target["std"].double() * (math.sqrt(n_class / (n_class - 1)) if n_class > 1 else 1.0)
+            term = (group_std(c) - sigma.float().reshape(1, D)).norm(dim=1)
+        elif s == "skew":
+            term = skewness_batch(c).norm(dim=1)
+        else:  # kurtosis: ours, population excess kurtosis against the class's
+            term = (distribution_stats(c, dim=1)["kurtosis"] - target["kurtosis"].float().reshape(1, D)).norm(dim=1)
+        dist = dist + STAT_WEIGHTS[s] * term.double() / math.sqrt(D)
     return dist
 
 
@@ -170,30 +210,41 @@ def select_group(candidates: torch.Tensor, target_stats: dict[str, torch.Tensor]
     return _argmin_first(group_distances(candidates, target_stats, stats))
 
 
-def candidate_group(mean: torch.Tensor, std: torch.Tensor, ipc: int, *seed_parts: object) -> torch.Tensor:
-    """One candidate group (ipc, D) float32 ~ N(mean, diag std²), from its own CPU generator."""
-    g = torch.Generator().manual_seed(seed_for(*seed_parts))
-    eps = torch.randn((ipc, mean.shape[0]), generator=g)
+def block_size(ipc: int, dim: int) -> int:
+    """Groups per generator block: fixed by (IPC, D), so group g's values never depend on the count drawn."""
+    return max(1, BLOCK_ELEMENTS // max(ipc * dim, 1))
+
+
+def candidate_block(mean: torch.Tensor, std: torch.Tensor, ipc: int, seed: int, class_key: str, block: int) -> torch.Tensor:
+    """Groups [block * B, (block + 1) * B) of a class, B = block_size(ipc, D): (B, ipc, D) float32 ~ N(mean, diag std²),
+    from one CPU generator seeded by (seed, "d3hr", class_key, block) (identical on any machine)."""
+    D = mean.shape[0]
+    g = torch.Generator().manual_seed(seed_for(seed, "d3hr", class_key, block))
+    eps = torch.randn((block_size(ipc, D), ipc, D), generator=g)
     return mean.float() + std.float() * eps
+
+
+def candidate_group(mean: torch.Tensor, std: torch.Tensor, ipc: int, seed: int, class_key: str, group: int) -> torch.Tensor:
+    """Candidate group `group` of a class (ipc, D): row group % B of its block."""
+    b = block_size(ipc, mean.shape[0])
+    return candidate_block(mean, std, ipc, seed, class_key, group // b)[group % b]
 
 
 def select_noises(target: dict[str, torch.Tensor], ipc: int, groups: int, stats: Sequence[str], seed: int,
                   class_key: str) -> tuple[torch.Tensor, int, float]:
     """Draw `groups` candidate groups for one class and keep the best: (noises (ipc, D), index, distance).
 
-    Evaluated in chunks (memory stays bounded for ImageNet-size latents and thousands of groups);
-    group g is seeded by (seed, "d3hr", class_key, g) alone, so the result does not depend on chunking.
-    """
+    Block by block (memory bounded by BLOCK_ELEMENTS whatever the count; each block drawn and scored
+    in a few vectorised calls)."""
     mean, std = target["mean"], target["std"]
-    D = mean.shape[0]
-    chunk = max(1, CHUNK_ELEMENTS // max(ipc * D, 1))
+    b = block_size(ipc, mean.shape[0])
     best_d, best_i, best = math.inf, -1, None
-    for start in range(0, groups, chunk):
-        cand = torch.stack([candidate_group(mean, std, ipc, seed, "d3hr", class_key, g) for g in range(start, min(start + chunk, groups))])
+    for block in range((groups + b - 1) // b):
+        cand = candidate_block(mean, std, ipc, seed, class_key, block)[: groups - block * b]
         d = group_distances(cand, target, stats)
         j = _argmin_first(d)
-        if float(d[j]) < best_d:  # strict: an earlier chunk wins ties
-            best_d, best_i, best = float(d[j]), start + j, cand[j].clone()
+        if float(d[j]) < best_d:  # strict: an earlier block wins ties
+            best_d, best_i, best = float(d[j]), block * b + j, cand[j].clone()
     assert best is not None
     return best, best_i, best_d
 
@@ -423,12 +474,14 @@ def inversion_spec(cfg: Any, backbone) -> InversionSpec:
     m = cfg.method
     model = OmegaConf.to_container(cfg.model, resolve=True)
     invert_t = m.d3hr_invert_t
+    # the released code inverts with the generation's CFG (4.0 for DiT-XL/2): the sampler's, unless set
+    inv_cfg = cfg_scale(cfg) if m.d3hr_inversion_cfg is None else float(m.d3hr_inversion_cfg)
     return InversionSpec(
         model=model,
         model_fingerprint=model_fingerprint(model),
         steps=int(m.d3hr_inversion_steps),
         invert_t=None if invert_t is None else int(invert_t),
-        cfg_scale=float(m.d3hr_inversion_cfg),
+        cfg_scale=inv_cfg,
         resolution=int(backbone.resolution),
         batch_size=int(cfg.bank.batch_size),
     )
