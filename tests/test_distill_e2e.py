@@ -10,6 +10,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
+from dap_ray.report import missing_links
 from tests.conftest import REPO, small_overrides
 
 pytestmark = pytest.mark.integration
@@ -45,8 +46,10 @@ def test_distill_writes_results_report_and_plots(reduced_run):
     assert set(gs) == {"dap"} and gs["dap"]["mean"] > 0 and gs["dap"]["images"] == 20 and gs["dap"]["per_step"]
     md = (out / "report.md").read_text()
     assert "| random_real |" in md and "| dap |" in md and "±" in md
-    for png in ("accuracy.png", "grid_random_real.png", "grid_vanilla.png", "grid_dap.png", "tsne.png"):
-        assert (out / "plots" / png).stat().st_size > 1000, png
+    for name in ("accuracy", "curves", "pairs_vanilla_dap", "grid_random_real", "grid_vanilla", "grid_dap", "tsne"):
+        assert (out / "plots" / f"{name}.png").stat().st_size > 1000, name
+        assert (out / "plots" / f"{name}.pdf").is_file(), name
+    assert missing_links(md, str(out)) == [] and str(out) not in md
     assert "| method | convnet | resnetap10 |" in proc.stdout  # the table is printed
     assert (out / "config.yaml").is_file() and (out / "skipped.csv").is_file()
 
@@ -94,6 +97,7 @@ def test_evaluate_any_folder_with_subsampling(reduced_run, tiny_dit_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((ev / "results.json").read_text())
     assert {(r["method"], r["ipc"]) for r in res["rows"]} == {("rr@ipc2", 2), ("rr@ipc1", 1)}
+    assert "IPC 2 and 1" in proc.stdout and "IPC 10" not in proc.stdout  # the IPCs evaluated, not the config's ipc
     assert res["metrics"]["methods"]["rr@ipc2"]["inv_d"] > 0
     assert (ev / "report.md").is_file() and (ev / "plots" / "accuracy.png").is_file()
 
