@@ -145,6 +145,7 @@ class RuntimeConfig:
     sampler_actors: int | None = None  # null = auto: one per GPU (GPU actors) or per cpus_per_actor CPUs (at most 4); more than fit shrink
     bank_actors: int | None = None  # null = auto, as sampler_actors (each actor holds its own copy of the model)
     wait_for_nodes_s: float = 0.0  # an autoscaling cluster: wait this long for nodes before sizing the actor pools
+    placement_timeout_s: float = 600.0  # a stage with no actor placed (a node lost, none with room) gives up after this
     gpus_per_actor: float = 0.0  # set > 0 on a GPU cluster (conf/runtime/gpu.yaml)
     gpus_per_eval: float = 0.0
     cpus_per_actor: float = 1.0
@@ -282,6 +283,7 @@ def validate(cfg: Any) -> None:
     for key in ("sampler_actors", "bank_actors"):
         _check(r[key] is None or r[key] >= 1, f"runtime.{key}", r[key], "null (auto: as many as the cluster's GPUs, or CPUs up to 4, hold) or an integer >= 1")
     _check(r.wait_for_nodes_s >= 0, "runtime.wait_for_nodes_s", r.wait_for_nodes_s, "a number of seconds >= 0")
+    _check(r.placement_timeout_s > 0, "runtime.placement_timeout_s", r.placement_timeout_s, "a number of seconds > 0")
     _check(r.gpus_per_actor >= 0, "runtime.gpus_per_actor", r.gpus_per_actor, "a number >= 0")
     _check(r.gpus_per_eval >= 0, "runtime.gpus_per_eval", r.gpus_per_eval, "a number >= 0")
     _check(r.cpus_per_actor > 0, "runtime.cpus_per_actor", r.cpus_per_actor, "a number > 0")

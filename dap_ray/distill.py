@@ -167,6 +167,9 @@ def run(cfg_raw: Any) -> int:
         _check_method_dir(run_dir, name, h, write=False)
     log.info("dataset: %s, %d classes, %d train / %d test images", dataset.name, len(dataset.classes), len(dataset.train), len(dataset.test))
     ray_info = init_ray(cfg.runtime)
+    # the sampler pool is sized when sampling starts, against the nodes alive then (null = auto): nodes
+    # that join during the bank are used, lost ones are not counted
+    sampler_actors = cfg.runtime.sampler_actors
     resolve_actor_counts(cfg.runtime)
     # Ray is up: only now is anything written to out_dir, so a refused or failed start leaves it as it was
     fs, rp = fsspec.core.url_to_fs(run_dir)
@@ -201,7 +204,7 @@ def run(cfg_raw: Any) -> int:
 
         r = cfg.runtime
         # one pool for every sampler method of the run: the model is loaded once per actor, not per method
-        with SamplerPool(int(r.sampler_actors), float(r.gpus_per_actor), float(r.cpus_per_actor)) as ctx.sampler_pool:
+        with SamplerPool(sampler_actors, float(r.gpus_per_actor), float(r.cpus_per_actor), float(r.placement_timeout_s)) as ctx.sampler_pool:
             for m in methods:
                 if m.uses_bank and bank is None:
                     raise UserError(f"method {m.name} needs the bank stage (stages={list(cfg.stages)})")

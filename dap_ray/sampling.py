@@ -18,7 +18,9 @@ import torch
 
 from dap_ray import ddim
 from dap_ray.ddim import final_alpha, schedule
+from dap_ray.errors import UserError
 from dap_ray.guidance import energy_gradient, guided_eps
+from dap_ray.runtime import actor_count
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +218,12 @@ class SamplerWorker:
         self.guidance = job.guidance.build(self.backbone) if job.guidance is not None else None
         self._job_ref = job_ref  # the ObjectRef (hex) of the pool's job this actor holds, if any
 
+    def ready(self) -> str:
+        """The pool's probe: answers once the actor is placed and its model loaded (the node's id)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def switch(self, job: SamplerJob) -> None:
         """Render another job's items (another method of the same run) with the model already loaded."""
         if model_key(job) != model_key(self.job):
@@ -297,16 +305,28 @@ def model_key(job: SamplerJob) -> tuple:
 
 class SamplerPool:
     """Sampler actors kept for a whole run, so every sampler method of the run (vanilla, dap, d3hr,
-    diver, ...) reuses them: the model is loaded once per actor, not once per method. Actors are
-    created on first need (at most `num_actors`, never more than there are items) and restartable:
-    a killed actor is restarted and its item redone (same seeds => same bytes, same names => no
-    duplicates). Use as a context manager, or call `close()`."""
+    diver, ...) reuses them: the model is loaded once per actor, not once per method.
 
-    def __init__(self, num_actors: int = 1, gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0):
-        self.num_actors, self.gpus_per_actor, self.cpus_per_actor = int(num_actors), float(gpus_per_actor), float(cpus_per_actor)
+    Sized when a stage first needs it (`runtime.actor_count` over the nodes alive then, so nodes
+    that joined earlier in the run are counted), at most `num_actors` and never more than there are
+    items. The pool follows the cluster: an item goes only to an actor that has answered a ready
+    probe (placed, model loaded), never to one that is dead or still waits for a node. When an actor
+    dies (its process killed, its node lost) its item goes back to the queue and is redone by any
+    ready actor (same seeds => same bytes, same names => no duplicates; its rows are taken once,
+    from the attempt that finished), and a replacement is asked for; if no node has room for the
+    replacement the pool goes on with the actors that remain, and a node that joins later gets it.
+    With no actor ready and items left, the pool says which resources it waits for and raises a
+    UserError after `placement_timeout_s`. Use as a context manager, or call `close()`."""
+
+    def __init__(self, num_actors: int | None = 1, gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0,
+                 placement_timeout_s: float = 600.0):
+        self.requested = None if num_actors is None else int(num_actors)  # None: as many as the nodes hold (auto)
+        self.num_actors = 1 if num_actors is None else int(num_actors)
+        self.gpus_per_actor, self.cpus_per_actor = float(gpus_per_actor), float(cpus_per_actor)
+        self.placement_timeout_s = float(placement_timeout_s)
         self.actors: list = []
+        self.replaced = 0  # actors that died and were asked for again (node loss, killed process)
         self._key: tuple | None = None
-        self._ctor_refs: list = []  # the jobs the actors were created with: kept alive for their restarts
 
     def __enter__(self) -> SamplerPool:
         return self
@@ -318,13 +338,27 @@ class SamplerPool:
         import ray
 
         for a in self.actors:
-            ray.kill(a)
-        self.actors, self._key, self._ctor_refs = [], None, []
+            ray.kill(a)  # a pending actor's placement request is withdrawn too
+        self.actors, self._key = [], None
+
+    def _need(self) -> str:
+        return ", ".join(f"{k}={v:g}" for k, v in (("CPU", self.cpus_per_actor), ("GPU", self.gpus_per_actor)) if v > 0)
+
+    def _free(self) -> str:
+        """What the cluster has free now, for the waiting message (summed over nodes, as Ray reports it)."""
+        import ray
+
+        free, total = ray.available_resources(), ray.cluster_resources()
+        keys = [k for k, v in (("CPU", self.cpus_per_actor), ("GPU", self.gpus_per_actor)) if v > 0]
+        return "free now: " + ", ".join(f"{k}={free.get(k, 0.0):g} of {total.get(k, 0.0):g}" for k in keys)
 
     def run(self, job: SamplerJob, items: list[WorkItem], progress: bool = True, desc: str = "sampling") -> list[dict]:
         """Render `items` of `job`; finished items are skipped. Returns one row per image of `items`."""
+        import collections
+        import time
+
         import ray
-        from ray.util import ActorPool
+        from ray.exceptions import RayActorError
         from tqdm.auto import tqdm
 
         pending = []
@@ -343,31 +377,89 @@ class SamplerPool:
         if self._key is not None and self._key != model_key(job):
             self.close()  # another model: these actors cannot render it
         self._key = model_key(job)
-        if not self.actors:  # never more actors than the cluster can place: the others would wait forever
-            from dap_ray.runtime import actor_count
-
-            self.num_actors = actor_count(self.num_actors, self.gpus_per_actor, self.cpus_per_actor, "runtime.sampler_actors")
+        if not self.actors:  # sized now, against the nodes alive now: never more than they can place
+            self.num_actors = actor_count(self.requested, self.gpus_per_actor, self.cpus_per_actor, "runtime.sampler_actors")
+        # No Ray restarts or task retries: a dead actor's item is handed to a live actor here, instead of
+        # waiting (forever, when its node is gone and no other has room) for that actor to come back.
         Actor = ray.remote(SamplerWorker).options(num_cpus=self.cpus_per_actor, num_gpus=self.gpus_per_actor,
-                                                  max_restarts=-1, max_task_retries=-1)
+                                                  max_restarts=0, max_task_retries=0)
         job_ref = ray.put(job)
         job_box = [job_ref]
         while len(self.actors) < min(self.num_actors, len(pending)):
-            # a restarted actor rebuilds from its first job, then switches to the current one
             self.actors.append(Actor.remote(job_ref, None, job_ref.hex()))
-            if not self._ctor_refs or self._ctor_refs[-1] is not job_ref:
-                self._ctor_refs.append(job_ref)
-        pool = ActorPool(self.actors[:len(pending)])
+        probes = {a.ready.remote(): a for a in self.actors}  # an item goes only to an actor that answered
+        running: dict = {}  # task ref -> (actor, item)
+        idle: list = []
+        queue = collections.deque(pending)
         bar = tqdm(total=len(pending), desc=desc, unit="item", disable=not progress)
-        for res in pool.map_unordered(lambda a, it: a.render_for.remote(job_box, it), pending):
-            records.extend(res)
+        waiting_since: float | None = None
+        last_said = 0.0
+
+        def replace(actor, why: str) -> None:
+            ray.kill(actor)  # an unreachable actor may still be busy: its item is redone elsewhere
+            self.actors.remove(actor)
+            self.replaced += 1
+            new = Actor.remote(job_ref, None, job_ref.hex())
+            self.actors.append(new)
+            probes[new.ready.remote()] = new
+            log.warning("%s: a sampler actor was lost (%s); its work goes to the %d other actor(s), a replacement is "
+                        "placed when a node has room (%s)", desc, why, len(self.actors) - 1, self._need())
+
+        while queue or running:
+            while queue and idle:
+                actor, item = idle.pop(), queue.popleft()
+                running[actor.render_for.remote(job_box, item)] = (actor, item)
+            if not running:  # items left and no actor ready: the run waits for capacity (or for model loads)
+                now = time.monotonic()
+                if waiting_since is None:
+                    waiting_since = last_said = now
+                waited = now - waiting_since
+                if waited > self.placement_timeout_s:
+                    raise UserError(f"{desc}: no sampler actor ({self._need()} each) was placed and ready within "
+                                    f"runtime.placement_timeout_s={self.placement_timeout_s:g}s ({self._free()}); add nodes with those "
+                                    "resources, lower runtime.cpus_per_actor / gpus_per_actor, or raise runtime.placement_timeout_s")
+                # the first seconds are a normal start (placing, loading the model): say nothing before
+                if now - last_said >= min(30.0, self.placement_timeout_s / 2):
+                    log.warning("%s: waiting for capacity: %d sampler actor(s) of %s each not ready after %.0fs (waiting for "
+                                "a node with room, or loading the model; %s); %d item(s) left; giving up after "
+                                "runtime.placement_timeout_s=%gs", desc, len(probes), self._need(), waited, self._free(),
+                                len(queue), self.placement_timeout_s)
+                    last_said = now
+                timeout = max(0.1, min(30.0, self.placement_timeout_s / 2, self.placement_timeout_s - waited + 0.1))
+            else:
+                waiting_since, timeout = None, 30.0
+            done, _ = ray.wait([*running, *probes], num_returns=1, timeout=timeout)
+            if not done:
+                continue
+            ref = done[0]
+            if ref in probes:
+                actor = probes.pop(ref)
+                try:
+                    ray.get(ref)
+                except RayActorError as e:
+                    if e.actor_init_failed:  # the model does not load: no replacement would do better
+                        raise
+                    replace(actor, type(e).__name__)
+                    continue
+                idle.append(actor)
+                continue
+            actor, item = running.pop(ref)
+            try:
+                records.extend(ray.get(ref))
+            except RayActorError as e:
+                queue.appendleft(item)
+                replace(actor, type(e).__name__)
+                continue
+            idle.append(actor)
             bar.update(1)
         bar.close()
         return records
 
 
-def run_pool(job: SamplerJob, items: list[WorkItem], num_actors: int = 1, gpus_per_actor: float = 0.0,
-             cpus_per_actor: float = 1.0, progress: bool = True, desc: str = "sampling") -> list[dict]:
+def run_pool(job: SamplerJob, items: list[WorkItem], num_actors: int | None = 1, gpus_per_actor: float = 0.0,
+             cpus_per_actor: float = 1.0, progress: bool = True, desc: str = "sampling",
+             placement_timeout_s: float = 600.0) -> list[dict]:
     """Render `items` on a pool of sampler actors started for this call alone (`SamplerPool` keeps them
-    for a run); skips finished items; a killed actor is restarted and its item redone."""
-    with SamplerPool(num_actors, gpus_per_actor, cpus_per_actor) as pool:
+    for a run); skips finished items; a lost actor's item is redone by the others."""
+    with SamplerPool(num_actors, gpus_per_actor, cpus_per_actor, placement_timeout_s) as pool:
         return pool.run(job, items, progress, desc)

@@ -7,10 +7,16 @@ The planning function is pure and tested on made-up clusters; the cluster tests 
 from __future__ import annotations
 
 import itertools
+import logging
 
 import pytest
 
+from dap_ray.data.types import ClassInfo
+from dap_ray.errors import UserError
 from dap_ray.runtime import plan_pool
+from dap_ray.sampling import SamplerJob, SamplerPool, existing_indices, work_items
+
+CLASSES = tuple(ClassInfo(i, str(i), str(i)) for i in range(10))
 
 
 def _nodes(*cpus: float, gpus: float = 0.0) -> list[dict]:
@@ -80,3 +86,70 @@ def test_dead_nodes_and_gpu_actors_are_counted_per_node():
     nodes = _nodes(8.0, 8.0, gpus=1.0) + _nodes(2.0) + [{"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
     assert plan_pool(nodes, 4, 2.0, 1.0, side_cpus=0.5).actors == 2  # one per 1-GPU node; the dead node counts nothing
     assert plan_pool(nodes, 4, 2.0, 1.0, side_cpus=0.5).cpus_per_actor == 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# the sampler pool follows the cluster (real local Ray; resources held by a blocker actor)
+# ---------------------------------------------------------------------------------------------
+
+
+def _job(model_dir, out) -> SamplerJob:
+    return SamplerJob(model={"type": "dit", "path": str(model_dir)}, classes=CLASSES[:4], out_dir=str(out), seed=11,
+                      steps=4, cfg_scale=2.0, eta=0.0, dtype="fp32")
+
+
+@pytest.fixture
+def hold_cpus(ray_session):
+    """Hold `n` of the local Ray's CPUs with an idle actor (what another job, or a lost node, leaves missing)."""
+    import ray
+
+    held = []
+
+    def hold(n: float):
+        actor = ray.remote(num_cpus=n)(_Blocker).remote()
+        ray.get(actor.ping.remote())
+        held.append(actor)
+        return actor
+
+    yield hold
+    for a in held:
+        ray.kill(a)
+
+
+class _Blocker:
+    def ping(self) -> bool:
+        return True
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_pool_never_waits_on_an_actor_that_cannot_be_placed(tiny_dit_dir, ray_session, hold_cpus, tmp_path):
+    """Two actors asked for, room for one: the one that is placed renders every item, the other stays
+    pending without an item (ray.util.ActorPool handed it half of them and waited forever)."""
+    import ray
+
+    hold_cpus(ray.cluster_resources()["CPU"] - 1.0)
+    items = work_items("vanilla", 4, 2, 2)
+    with SamplerPool(num_actors=2, cpus_per_actor=1.0, placement_timeout_s=120) as pool:
+        rows = pool.run(_job(tiny_dit_dir, tmp_path / "one_placed"), items, progress=False)
+        assert len(pool.actors) == 2  # the pending one was asked for; it got no work
+    assert sorted((r["class"], r["index"]) for r in rows) == sorted((c.key, i) for c in CLASSES[:4] for i in range(2))
+    for c in CLASSES[:4]:
+        assert sorted(existing_indices(str(tmp_path / "one_placed"), c.key)) == [0, 1]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_pool_waiting_for_capacity_says_what_and_gives_up(tiny_dit_dir, ray_session, hold_cpus, tmp_path, caplog):
+    """No node has room for a sampler actor (the cluster counts the CPUs, another job holds them): the
+    run says which resources it waits for and stops with a UserError naming runtime.placement_timeout_s."""
+    import ray
+
+    hold_cpus(ray.cluster_resources()["CPU"])
+    with caplog.at_level(logging.WARNING, logger="dap_ray.sampling"), pytest.raises(UserError) as err, \
+            SamplerPool(num_actors=1, cpus_per_actor=1.0, placement_timeout_s=4) as pool:
+        pool.run(_job(tiny_dit_dir, tmp_path / "none"), work_items("vanilla", 1, 2, 2), progress=False, desc="sampling vanilla")
+    assert "runtime.placement_timeout_s=4" in str(err.value) and "CPU=1" in str(err.value)
+    said = [r.getMessage() for r in caplog.records if "waiting for capacity" in r.getMessage()]
+    assert said and "CPU=1" in said[0] and "free now: CPU=0" in said[0], said
+    assert not (tmp_path / "none" / "images").exists() or not list((tmp_path / "none").rglob("*.png"))

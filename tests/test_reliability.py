@@ -411,6 +411,7 @@ RANGE_CASES = [
     (["runtime.cpus_per_eval=0"], "runtime.cpus_per_eval"),
     (["runtime.eval_retries=-1"], "runtime.eval_retries"),
     (["runtime.wait_for_nodes_s=-1"], "runtime.wait_for_nodes_s"),
+    (["runtime.placement_timeout_s=0"], "runtime.placement_timeout_s"),
 ]
 
 # The checks that need the loaded model (validate_against_backbone); the tiny DiT has blocks 0..2, T = 1000.

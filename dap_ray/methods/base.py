@@ -31,14 +31,13 @@ class RunContext:
 
     def render(self, job: Any, items: list, desc: str) -> list[dict]:
         """Render a sampler job's work items on the run's sampler pool (or a pool for this call alone)."""
-        from dap_ray.runtime import actor_count
         from dap_ray.sampling import run_pool
 
         if self.sampler_pool is not None:
             return self.sampler_pool.run(job, items, self.progress, desc)
-        r = self.cfg.runtime
-        n = actor_count(r.sampler_actors, float(r.gpus_per_actor), float(r.cpus_per_actor))
-        return run_pool(job, items, n, float(r.gpus_per_actor), float(r.cpus_per_actor), self.progress, desc)
+        r = self.cfg.runtime  # the pool sizes itself against the nodes alive now (null = auto)
+        return run_pool(job, items, r.sampler_actors, float(r.gpus_per_actor), float(r.cpus_per_actor), self.progress, desc,
+                        float(r.placement_timeout_s))
 
     def report_skipped(self, rows: Iterable[tuple[str, str]]) -> None:
         """Add unreadable inputs a method passed over to the run's bad-file report: `skipped`, and
