@@ -153,3 +153,4 @@ def test_pool_waiting_for_capacity_says_what_and_gives_up(tiny_dit_dir, ray_sess
     said = [r.getMessage() for r in caplog.records if "waiting for capacity" in r.getMessage()]
     assert said and "CPU=1" in said[0] and "free now: CPU=0" in said[0], said
     assert not (tmp_path / "none" / "images").exists() or not list((tmp_path / "none").rglob("*.png"))
+

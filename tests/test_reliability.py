@@ -28,7 +28,7 @@ import pytest
 from PIL import Image
 
 from dap_ray.data.types import ClassInfo
-from dap_ray.sampling import SamplerJob, existing_indices, run_pool, work_items
+from dap_ray.sampling import SamplerJob, SamplerPool, existing_indices, run_pool, work_items
 from tests.conftest import REPO, save_tiny_dit, small_overrides
 
 CLASSES = tuple(ClassInfo(i, str(i), str(i)) for i in range(10))
@@ -93,21 +93,13 @@ def undisturbed_samples(tiny_dit_dir, ray_session, tmp_path_factory):
 
 @pytest.mark.integration
 @pytest.mark.parametrize("how", ["ray_kill", "sigkill"])
-def test_sampler_actor_killed_mid_run(how, tiny_dit_dir, ray_session, undisturbed_samples, tmp_path, monkeypatch):
+def test_sampler_actor_killed_mid_run(how, tiny_dit_dir, ray_session, undisturbed_samples, tmp_path):
     """A sampler actor dies while the pool runs: the run completes with IPC images per class, no
     duplicates, and the same bytes as the undisturbed run (its item is redone with the same seeds)."""
     import ray
-    import ray.util
 
     ref_dir, items, ref_rows = undisturbed_samples
-    handles: list = []
-
-    class RecordingPool(ray.util.ActorPool):  # keeps the actor handles run_pool creates (for ray.kill)
-        def __init__(self, actors):
-            handles.extend(actors)
-            super().__init__(actors)
-
-    monkeypatch.setattr(ray.util, "ActorPool", RecordingPool)
+    pool = SamplerPool(num_actors=2)  # its `actors` are the handles to kill
     out = tmp_path / "killed"
     killed: dict = {}
 
@@ -117,7 +109,7 @@ def test_sampler_actor_killed_mid_run(how, tiny_dit_dir, ray_session, undisturbe
             return
         killed["images_before"] = len(list(out.rglob("*.png")))
         if how == "ray_kill":
-            ray.kill(handles[0], no_restart=False)  # restartable: max_restarts=-1 on the pool's actors
+            ray.kill(pool.actors[0], no_restart=False)  # as Ray kills an actor; the pool redoes its item elsewhere
             killed["done"] = True
         else:  # the worker process dies as under the OOM killer
             pids = _ray_worker_pids("SamplerWorker")
@@ -128,7 +120,8 @@ def test_sampler_actor_killed_mid_run(how, tiny_dit_dir, ray_session, undisturbe
 
     th = threading.Thread(target=killer, daemon=True)
     th.start()
-    rows = run_pool(_sampler_job(tiny_dit_dir, out), items, num_actors=2, progress=False)
+    with pool:
+        rows = pool.run(_sampler_job(tiny_dit_dir, out), items, progress=False)
     th.join(timeout=30)
     assert killed.get("done"), "the actor was not killed during the run"
     assert killed["images_before"] < 16, "the kill came after the run had finished: nothing was tested"
