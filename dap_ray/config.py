@@ -31,6 +31,7 @@ POOLINGS = ("tokens", "mean")
 PROTOCOLS = ("hard_label", "soft_label")
 RECIPES = ("igd", "minimax", "d3hr", "rded")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+DIVER_RUN_SOURCES = ("dap", "vanilla", "d3hr", "random_real")  # method.diver_source values meaning "this run's set"
 
 
 @dataclass
@@ -76,7 +77,7 @@ class MethodConfig:
     d3hr_invert_t: int | None = 600  # timestep the inversion stops at, statistics and generation start (released: t=600); null = full inversion (paper)
     d3hr_inversion_cfg: float | None = None  # CFG of the inversion; null = the sampler's (released: the same 4.0 as generation)
     # DIVER
-    diver_source: str | None = None  # an ImageFolder of distilled images to refine; null = this run's random_real
+    diver_source: str = "dap"  # the set DIVER refines: a method of this run (dap, vanilla, d3hr, random_real) or an ImageFolder path
     diver_start_t: int = 600
     diver_gamma: float = 2.0
     diver_fusion_t: int = 400
@@ -243,6 +244,8 @@ def validate(cfg: Any) -> None:
     _check(m.d3hr_invert_t is None or m.d3hr_invert_t >= 0, "method.d3hr_invert_t", m.d3hr_invert_t, "null (full inversion) or an integer in [0, T]")
     _check(m.d3hr_inversion_cfg is None or m.d3hr_inversion_cfg >= 1.0, "method.d3hr_inversion_cfg", m.d3hr_inversion_cfg,
            "null (the sampler's CFG) or a number >= 1 (1 = no classifier-free guidance)")
+    _check(bool(str(m.diver_source).strip()) and m.diver_source != "diver", "method.diver_source", m.diver_source,
+           f"a method of this run ({', '.join(DIVER_RUN_SOURCES)}) or an ImageFolder of distilled images")
     _check(m.diver_start_t >= 0, "method.diver_start_t", m.diver_start_t, "an integer in [0, T]")
     _check(m.diver_fusion_t >= 0, "method.diver_fusion_t", m.diver_fusion_t, "an integer in [0, T]")
     _check(m.diver_gamma >= 0, "method.diver_gamma", m.diver_gamma, "a number >= 0")
@@ -310,6 +313,12 @@ def resolve_cfg_scale(cfg: Any) -> float:
     method hashes and every trial see the number that was used. Returns it."""
     cfg.sampler.cfg_scale = cfg_scale(cfg)
     return float(cfg.sampler.cfg_scale)
+
+
+def diver_run_source(cfg: Any) -> str | None:
+    """The method of this run whose set DIVER refines (method.diver_source names one), else None (a folder)."""
+    src = str(cfg.method.diver_source).strip()
+    return src if src in DIVER_RUN_SOURCES else None
 
 
 def guidance_layer(cfg: Any) -> str:

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from dap_ray.cli import run_main
 from dap_ray.config import (
     config_hash,
+    diver_run_source,
     guidance_layer,
     resolve_cfg_scale,
     resolve_dtype,
@@ -50,11 +51,11 @@ def method_hash(cfg: Any, method: str, classes: Sequence[ClassInfo]) -> str:
     if method in ("dap", "d3hr", "diver"):
         parts["knobs"] = cfg.method
         parts["bank"] = {"seed": cfg.bank.seed}
-    if method == "diver" and cfg.method.diver_source is not None and str(cfg.method.diver_source).strip():
+    if method == "diver" and diver_run_source(cfg) is None:
         from dap_ray.data import distilled_records
         from dap_ray.data.images import record_versions
 
-        # null (this run's random_real set) needs nothing more: that set follows from this config
+        # a method of this run (dap, vanilla, ...) needs nothing more: that set follows from this config
         parts["diver_source_files"] = config_hash({"rows": record_versions(distilled_records(str(cfg.method.diver_source), classes))})
     return config_hash(OmegaConf.create(OmegaConf.to_container(OmegaConf.create(parts), resolve=True)))
 

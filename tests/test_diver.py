@@ -197,8 +197,9 @@ def test_method_hash_follows_the_diver_source_files(tmp_path):
     (root / "5").mkdir()  # what DIVER never reads does not count: a non-image file
     (root / "5" / "notes.txt").write_text("not an image")
     assert hashes()[0] == more
-    null_cfg = to_structured(compose("distill", []))  # null: this run's random_real set, fixed by this config
-    assert method_hash(null_cfg, "diver", CLASSES) == method_hash(null_cfg, "diver", CLASSES[:2])
+    run_cfg = to_structured(compose("distill", []))  # default: this run's dap set, fixed by this config
+    assert run_cfg.method.diver_source == "dap"
+    assert method_hash(run_cfg, "diver", CLASSES) == method_hash(run_cfg, "diver", CLASSES[:2])
 
 
 @pytest.mark.integration
@@ -239,6 +240,7 @@ def test_cli_random_real_d3hr_diver_end_to_end(tiny_dit_dir, tmp_path, cache_dir
     argv = small_overrides(tiny_dit_dir, out, cache_dir) + [
         "methods=[random_real,d3hr,diver]", "stages=[sample]",
         "method.d3hr_inversion_steps=5", "method.d3hr_groups=16", "method.diver_start_t=600", "method.diver_gamma=20",
+        "method.diver_source=random_real",
     ]
     assert main(argv) == 0
     for method in ("random_real", "d3hr", "diver"):
@@ -272,4 +274,4 @@ def test_cli_diver_without_source_is_exit_2(tiny_dit_dir, tmp_path, cache_dir, r
     argv = small_overrides(tiny_dit_dir, tmp_path / "run", cache_dir) + ["methods=[diver]", "stages=[sample]"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "method.diver_source" in err and "random_real" in err
+    assert "method.diver_source=dap" in err and "put dap before diver" in err

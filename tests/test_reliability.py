@@ -368,6 +368,7 @@ RANGE_CASES = [
     (["method.d3hr_stats=[mean,median]"], "method.d3hr_stats"),
     (["method.d3hr_invert_t=-1"], "method.d3hr_invert_t"),
     (["method.d3hr_inversion_cfg=0.5"], "method.d3hr_inversion_cfg"),
+    (["method.diver_source=diver"], "method.diver_source"),
     (["method.diver_start_t=-1"], "method.diver_start_t"),
     (["method.diver_fusion_t=-1"], "method.diver_fusion_t"),
     (["method.diver_gamma=-0.5"], "method.diver_gamma"),

@@ -1,7 +1,8 @@
 """DIVER (seed 003, arXiv 2605.12649): refine an existing distilled set with a pretrained diffusion model.
 
-DIVER is a second stage: it takes a distilled set made by any method (``method.diver_source``, an
-ImageFolder ``<class key>/<images>``; null = this run's ``random_real`` set) and re-renders every
+DIVER is a second stage: it takes a distilled set made by any method (``method.diver_source``: a
+method of this run, ``dap`` by default, or ``vanilla``/``d3hr``/``random_real``; or an ImageFolder
+``<class key>/<images>``, e.g. a set distilled by a classical method, as the paper refines) and re-renders every
 image through the class-conditional diffusion model, keeping its semantics while filtering out
 the patterns that over-fit the architecture it was distilled on. Output: the same class/index
 layout under ``<run>/diver/images``.
@@ -49,6 +50,7 @@ import torch
 
 from dap_ray import ddim
 from dap_ray.backbones import pool_features
+from dap_ray.config import diver_run_source
 from dap_ray.data import BadImageError, distilled_records, load_image
 from dap_ray.data.types import ClassInfo
 from dap_ray.ddim import schedule
@@ -158,11 +160,11 @@ class DiverGuidanceRecipe:
 
 
 def source_dir(ctx: RunContext) -> str:
-    """method.diver_source, or this run's random_real images when it is null."""
-    src = ctx.cfg.method.diver_source
-    if src is not None and str(src).strip():
-        return str(src)
-    return f"{ctx.method_dir('random_real')}/images"
+    """The images DIVER refines: this run's set of the method method.diver_source names, or that folder."""
+    run_method = diver_run_source(ctx.cfg)
+    if run_method is not None:
+        return f"{ctx.method_dir(run_method)}/images"
+    return str(ctx.cfg.method.diver_source)
 
 
 def list_sources(folder: str, classes: Sequence[ClassInfo], ipc: int, resolution: int, *, key: str = "method.diver_source") -> list[list[str]]:
@@ -204,9 +206,11 @@ class Diver(Method):
         cfg, backbone = ctx.cfg, ctx.backbone_info
         m = cfg.method
         folder = source_dir(ctx)
-        if m.diver_source is None and not _exists(folder):
-            raise UserError("method.diver_source is null, so diver refines this run's random_real set, but "
-                            f"{folder} does not exist: put random_real before diver in methods, or set method.diver_source")
+        run_method = diver_run_source(cfg)
+        if run_method is not None and not _exists(folder):
+            raise UserError(f"method.diver_source={run_method}, so diver refines this run's {run_method} set, but "
+                            f"{folder} does not exist: put {run_method} before diver in methods, or set method.diver_source "
+                            "to another method of the run or to an ImageFolder of distilled images")
         res = int(backbone.resolution)
         sources = list_sources(folder, ctx.dataset.classes, int(cfg.ipc), res)
         srcs = tuple(tuple(s) for s in sources)
