@@ -3,8 +3,8 @@
 Both variants do the same work on the same real images with the same model and batch size: read and
 decode the PNGs (`decode_batch`), featurise every image at every bank timestep (`featurize`: the
 fixed-seed noise, the forward cut at the guidance layer) and accumulate the per-class statistics
-(`StatsAccumulator`). The Ray bank additionally writes the per-sample Parquet shards and its commit
-markers (its real job), in a fresh cache directory every repetition so nothing is reused. Ray itself
+(`StatsAccumulator`). The Ray bank reduces each chunk in its actors and writes the per-class
+statistics, kept features and commit markers (its real job), in a fresh cache directory every repetition so nothing is reused. Ray itself
 is started once, before any timing, and its start-up is reported on its own; the bank's actor start
 (a new worker process importing torch and loading the model) is inside every build, because every
 real build pays it. Variants are interleaved round by round; figures are medians.
@@ -85,7 +85,7 @@ def actor_start_seconds(spec, classes, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        a = Actor.remote(spec, classes)
+        a = Actor.remote(spec, classes, tempfile.gettempdir())  # writes nothing until given a chunk
         ray.get(a.__ray_ready__.remote())
         times.append(time.perf_counter() - t0)
         ray.kill(a)
@@ -140,14 +140,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     d = tempfile.mkdtemp(dir=work)
                     try:
                         bank = build_bank(spec, data, d, num_actors=k, progress=False)
-                        results[f"{label}/ray{k}"] = bank.stats
+                        # (C, T, D) Σφ, read back from the bank's per-class files before they are deleted
+                        results[f"{label}/ray{k}"] = np.stack([bank.class_sums(str(args.layer), c.index)["sum"] for c in bank.classes])
                         metas.setdefault(f"{label}/ray{k}", []).append(bank.meta)
                     finally:
                         shutil.rmtree(d, ignore_errors=True)
                 return run
 
             def loop():
-                results[f"{label}/loop"] = plain_loop(model_cfg, spec, sub)
+                results[f"{label}/loop"] = plain_loop(model_cfg, spec, sub).sum[str(args.layer)]
 
             # Warm-up (not timed): one tiny build, so Ray Data's first-execution set-up is not in round 1.
             tiny = DatasetSplits(ds.name, ds.root, ds.classes, subset_per_class(ds.train, 1), [])
@@ -185,8 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Correctness: every Ray build computed the loop's statistics (same seeds, same features).
     layer = spec.layers[0]
-    ref = next(v for k, v in results.items() if k.endswith("/loop")).sum[layer]
-    rel = max(float(np.abs(v.sum[layer] - ref).max() / max(np.abs(ref).max(), 1e-12)) for k, v in results.items() if "/ray" in k)
+    ref = next(v for k, v in results.items() if k.endswith("/loop"))
+    rel = max(float(np.abs(v - ref).max() / max(np.abs(ref).max(), 1e-12)) for k, v in results.items() if "/ray" in k)
 
     k1 = f"ray{args.actors[0]}"
     targets, tables, lines = [], [], []
@@ -226,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"- **Setup:** {n} real digits ({'all training images' if per_class is None else f'{per_class} per class'}) x {T} timesteps "
         f"(the {steps}-step DDIM schedule, as the default run's bank), layer {layer}, `tokens` pooling, batch {bs}, model "
         f"{args.model or 'dap_ray/zoo/digits_dit'}. Loop = `decode_batch` + `featurize` + `StatsAccumulator` in this process; "
-        f"Ray = `build_bank` into a fresh cache dir (also writes the Parquet shards). {repeats} interleaved rounds, median; "
+        f"Ray = `build_bank` into a fresh cache dir (reduces in its actors; writes per-class statistics and kept features). {repeats} interleaved rounds, median; "
         "ratio = loop time / Ray time per round (median and IQR), so > 1 means Ray is faster.",
         "- **Ray worker priority:** Ray starts its workers with `worker_niceness` 15 by default, so on a machine shared with "
         "other people's normal-priority jobs (this one) a Ray actor gets a fraction of the CPU the loop (this process, "

@@ -1,17 +1,33 @@
-"""The real-feature bank: Ray Data streams real images through backbone actors into Parquet + statistics.
+"""The real-feature bank: Ray Data streams real images through backbone actors that reduce them to
+per-class sufficient statistics on their own device.
 
-Pipeline: `from_items(records)` -> `map_batches(decode)` (tasks) -> `map_batches(BankFeaturizer)`
-(a stateful actor class holding VAE + backbone once, `ActorPoolStrategy`, a GPU each when present)
--> the driver streams the output, writes Parquet shards and accumulates per-class sufficient
-statistics (count, Σφ, Σ‖φ‖², Σ RFF(φ)) per (layer, timestep) in float64.
+Pipeline: the training records, sorted by (class, image id), are cut into fixed *chunks* of
+`bank.batch_size` images -> `from_items(chunks)` -> `map_batches(decode_chunks)` (tasks) ->
+`map_batches(BankFeaturizer)` (a stateful actor class holding VAE + backbone once,
+`ActorPoolStrategy`, a GPU each when present). The actor featurises one chunk (one forward batch per
+timestep) and reduces it to per-class sums (count, Σφ, Σ‖φ‖², Σ RFF(φ)) per (layer, timestep) in
+float64, plus the first `bank.keep_per_class` images' features of each class in float16. It writes
+that partial to `chunks/` in the bank directory and returns only the chunk's number: no per-image
+feature ever reaches the driver or the object store.
+
+The driver folds the partials class by class in chunk order and, as soon as a class's last chunk is
+in, writes that class's files and forgets it, so its memory holds at most the classes that are open
+(one or two) whatever the number of classes or images. On disk, per (layer, class):
+`stats/<layer>/<class>.safetensors` (count, Σφ (T, D), Σ‖φ‖² (T,), Σ RFF (T, M) in float64) and
+`features/layer=<layer>/c<class>.parquet` (the kept images, one row per (image, timestep), float16);
+then `classes/<class>.json` (its count, kept ids and skipped files), written last, commits the
+class. A sampler actor reads only the classes of its work items, through a bounded cache.
 
 Determinism: the noise for (image, timestep) comes from a generator seeded by (bank seed, image id,
-timestep), so features do not depend on the number of actors, the batch size or the order of work.
+timestep); a chunk's content and its forward batch do not depend on the number of actors or the
+order in which they finish; within a chunk the sums run in image-id order, and across chunks in chunk
+order. So the statistics are the same bytes for 1 or N actors, and after a resume.
 
 Cache and resume: a bank lives in `<cache_dir>/banks/<key>/`, the key a hash of (model content,
-dataset files, layers, timesteps, pooling, noise seed, resolution, RFF settings). Each shard is
-committed by its `part-K.done.json` (written last, holding the ids it covers); a restarted build
-skips those ids; `_COMMIT` is written last of all, and only a bank with `_COMMIT` is used.
+dataset files, layers, timesteps, pooling, noise seed, resolution, RFF settings, kept images, dtype).
+Each chunk file is written atomically (it exists only whole) and each class is committed by its
+`classes/<class>.json`; a restarted build reuses committed classes and the chunk files of the others,
+and does only the rest. `_COMMIT` is written last of all, and only a bank with `_COMMIT` is used.
 """
 
 from __future__ import annotations
@@ -20,13 +36,15 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load as st_load
@@ -45,7 +63,8 @@ from dap_ray.storage import write_bytes
 log = logging.getLogger(__name__)
 
 COMMIT = "_COMMIT"
-SHARD_IMAGES = 512  # images per Parquet shard (and per resume checkpoint)
+FORMAT = 2  # on-disk layout: per-class statistics and kept features (1 was dense shards + Parquet of every image)
+CACHE_CLASSES = 4  # (layer, class) statistics a Bank keeps in memory: a sampler actor needs its work item's class
 
 
 @dataclass(frozen=True)
@@ -60,7 +79,7 @@ class BankSpec:
     seed: int
     resolution: int
     rff: dict | None = None  # {"num_features", "sigma", "seed"} when the RBF kernel is used
-    max_per_class: int | None = None  # per-sample rows kept per class (statistics always use all)
+    keep_per_class: int = 8  # per-image features kept per class (float16); the statistics always use every image
     batch_size: int = field(default=64, compare=False)
     dtype: str = "fp32"  # the backbone's precision (sampler.dtype, resolved): bf16 features differ from fp32 ones
 
@@ -69,6 +88,7 @@ class BankSpec:
         d.pop("batch_size")
         d.pop("model")  # the fingerprint stands for the model's content
         d["dataset"] = dataset_fingerprint
+        d["format"] = FORMAT
         return config_hash(d, 24)
 
 
@@ -86,6 +106,39 @@ def rff_for(spec_rff: dict, dim: int) -> RandomFourierFeatures:
 
 
 # ---------------------------------------------------------------------------------------------
+# chunks: the fixed units of work and of summation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """`batch_size` consecutive records in (class, id) order: one forward batch and one partial sum."""
+
+    index: int
+    records: tuple[ImageRecord, ...]
+    keep: tuple[bool, ...]  # among the first keep_per_class records of its class
+
+    @property
+    def labels(self) -> set[int]:
+        return {r.label for r in self.records}
+
+
+def plan_chunks(records: Sequence[ImageRecord], batch_size: int, keep_per_class: int) -> list[Chunk]:
+    """Cut the records, sorted by (class, id), into chunks of `batch_size`. Pure and canonical: the
+    same records give the same chunks, so sums folded chunk by chunk are the same bytes on every
+    build, whatever the number of actors or which chunks a crashed build had finished. A chunk may
+    span classes (a class of 3 images does not make a forward batch of 3)."""
+    rows = sorted(records, key=lambda r: (r.label, r.id))
+    seen: dict[int, int] = {}
+    keep = []
+    for r in rows:
+        keep.append(seen.get(r.label, 0) < keep_per_class)
+        seen[r.label] = seen.get(r.label, 0) + 1
+    size = max(1, int(batch_size))
+    return [Chunk(k, tuple(rows[s : s + size]), tuple(keep[s : s + size])) for k, s in enumerate(range(0, len(rows), size))]
+
+
+# ---------------------------------------------------------------------------------------------
 # Ray Data stages
 # ---------------------------------------------------------------------------------------------
 
@@ -93,9 +146,9 @@ def rff_for(spec_rff: dict, dim: int) -> RandomFourierFeatures:
 DECODE_CPUS = 0.5  # CPUs of one decode task (shrunk on small nodes by runtime.plan_pool)
 
 
-def model_pipeline(records: Sequence[ImageRecord], udf: type, constructor_kwargs: dict, resolution: int, batch_size: int,
-                   num_actors: int, gpus_per_actor: float, cpus_per_actor: float):
-    """records -> decode tasks -> a restartable pool of `udf` actors (each holds the model once).
+def actor_pipeline(items: list[dict], decode: Any, decode_kwargs: dict, udf: type, constructor_kwargs: dict, batch_size: int,
+                   num_actors: int, gpus_per_actor: float, cpus_per_actor: float, blocks: int):
+    """items -> decode tasks -> a restartable pool of `udf` actors (each holds the model once).
 
     The Ray Data path shared by the feature bank and D3HR's inversion. A killed actor is restarted
     and its batch redone: Ray Data's actor pool creates its actors with max_restarts=-1 and
@@ -110,20 +163,45 @@ def model_pipeline(records: Sequence[ImageRecord], udf: type, constructor_kwargs
     if plan.actors < num_actors:
         log.info("%s: %d actor(s) of %.2f CPU instead of %d: the alive nodes place no more beside the decode tasks",
                  udf.__name__, plan.actors, plan.cpus_per_actor, num_actors)
-    num_actors, cpus_per_actor, decode_cpus = plan.actors, plan.cpus_per_actor, plan.side_cpus
-    items = [{"id": r.id, "path": r.path, "label": r.label} for r in records]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // max(batch_size, 1), 64)))
-    ds = ds.map_batches(decode_batch, fn_kwargs={"resolution": resolution}, batch_size=batch_size, batch_format="numpy",
-                        num_cpus=decode_cpus)
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(blocks, 64)))
+    ds = ds.map_batches(decode, fn_kwargs=decode_kwargs, batch_size=batch_size, batch_format="numpy", num_cpus=plan.side_cpus)
     return ds.map_batches(
         udf,
         fn_constructor_kwargs=constructor_kwargs,
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        compute=ray.data.ActorPoolStrategy(size=plan.actors),
         num_gpus=gpus_per_actor,
-        num_cpus=cpus_per_actor,
+        num_cpus=plan.cpus_per_actor,
     )
+
+
+def model_pipeline(records: Sequence[ImageRecord], udf: type, constructor_kwargs: dict, resolution: int, batch_size: int,
+                   num_actors: int, gpus_per_actor: float, cpus_per_actor: float):
+    """One row per image: records -> `decode_batch` tasks -> `udf` actors (D3HR's inversion)."""
+    items = [{"id": r.id, "path": r.path, "label": r.label} for r in records]
+    return actor_pipeline(items, decode_batch, {"resolution": resolution}, udf, constructor_kwargs, batch_size, num_actors,
+                          gpus_per_actor, cpus_per_actor, blocks=len(items) // max(batch_size, 1))
+
+
+def chunk_pipeline(chunks: Sequence[Chunk], udf: type, constructor_kwargs: dict, resolution: int, num_actors: int,
+                   gpus_per_actor: float, cpus_per_actor: float):
+    """One row per chunk: chunks -> `decode_chunks` tasks -> `udf` actors, one chunk per call, so the
+    actor's forward batch is exactly the chunk (Ray Data would otherwise re-bundle rows freely)."""
+    size = max((len(c.records) for c in chunks), default=1)
+    items = [{"chunk": c.index, "records": json.dumps([[r.id, r.path, int(r.label), bool(k)] for r, k in zip(c.records, c.keep)])}
+             for c in chunks]
+    return actor_pipeline(items, decode_chunks, {"resolution": resolution, "size": size}, udf, constructor_kwargs, 1, num_actors,
+                          gpus_per_actor, cpus_per_actor, blocks=len(items))
+
+
+def _decode_one(path: str, resolution: int) -> tuple[np.ndarray | None, str]:
+    try:
+        return decode_image(read_bytes(str(path)), resolution), ""
+    except BadImageError as e:
+        return None, e.reason
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        return None, f"unreadable: {type(e).__name__}"
 
 
 def decode_batch(batch: dict[str, np.ndarray], resolution: int) -> dict[str, np.ndarray]:
@@ -133,57 +211,160 @@ def decode_batch(batch: dict[str, np.ndarray], resolution: int) -> dict[str, np.
     ok = np.ones(n, bool)
     reasons = np.array([""] * n, dtype=object)
     for i, path in enumerate(batch["path"]):
-        try:
-            images[i] = decode_image(read_bytes(str(path)), resolution)
-        except BadImageError as e:
-            ok[i], reasons[i] = False, e.reason
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-            ok[i], reasons[i] = False, f"unreadable: {type(e).__name__}"
+        img, reasons[i] = _decode_one(str(path), resolution)
+        if img is None:
+            ok[i] = False
+        else:
+            images[i] = img
     return {**batch, "image": images, "ok": ok, "reason": reasons}
 
 
-class BankFeaturizer:
-    """Stateful Ray Data UDF: holds the backbone once per actor; one batch of images in, features out."""
+def decode_chunks(batch: dict[str, np.ndarray], resolution: int, size: int) -> dict[str, np.ndarray]:
+    """Chunk rows -> their images, padded to `size` slots (Ray Data's tensor columns want one shape);
+    an unreadable file is an ok=False slot, its reason in the JSON `reasons` column."""
+    n = len(batch["chunk"])
+    images = np.zeros((n, size, resolution, resolution, 3), np.uint8)
+    ok = np.zeros((n, size), bool)
+    reasons = np.array([""] * n, dtype=object)
+    for j, rec in enumerate(batch["records"]):
+        why = []
+        for i, (_, path, _, _) in enumerate(json.loads(str(rec))):
+            img, reason = _decode_one(path, resolution)
+            why.append(reason)
+            if img is not None:
+                images[j, i], ok[j, i] = img, True
+        reasons[j] = json.dumps(why)
+    return {"chunk": batch["chunk"], "records": batch["records"], "image": images, "ok": ok, "reasons": reasons}
 
-    def __init__(self, spec: BankSpec, classes: Sequence[ClassInfo], device: str | None = None):
+
+class BankFeaturizer:
+    """Stateful Ray Data UDF: holds the backbone once per actor; one chunk in, its partial sums written
+    to the bank's `chunks/` folder, only the chunk's number and size returned."""
+
+    def __init__(self, spec: BankSpec, classes: Sequence[ClassInfo], root: str, device: str | None = None):
         from dap_ray.backbones import load_backbone, torch_dtype
 
-        self.spec = spec
+        self.spec, self.root = spec, root
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.backbone = load_backbone(spec.model, self.device, torch_dtype(spec.dtype, self.device))
         self.backbone.bind_classes(classes)
+        self.rffs: dict[str, RandomFourierFeatures] = {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feats = featurize(self.backbone, self.spec, batch["image"], batch["label"], [str(i) for i in batch["id"]], batch["ok"])
-        out = {k: batch[k] for k in ("id", "path", "label", "ok", "reason")}
-        for layer, arr in feats.items():
-            out[f"feat_{layer}"] = arr
-        return out
+        fs, root = fsspec.core.url_to_fs(self.root)
+        sizes = []
+        for j, k in enumerate(batch["chunk"]):
+            recs = json.loads(str(batch["records"][j]))
+            n = len(recs)
+            reasons = json.loads(str(batch["reasons"][j]))
+            part = reduce_chunk(self.backbone, self.spec, batch["image"][j][:n], np.array([r[2] for r in recs]), [r[0] for r in recs],
+                                batch["ok"][j][:n], np.array([r[3] for r in recs], bool), self.rffs)
+            part["skipped"] = [[r[1], why] for r, why in zip(recs, reasons) if why]
+            write_bytes(fs, chunk_path(root, int(k)), partial_to_bytes(part))
+            sizes.append(n)
+        return {"chunk": np.asarray(batch["chunk"]), "n": np.asarray(sizes)}
+
+
+def chunk_path(root: str, k: int) -> str:
+    return f"{root}/chunks/c{k:07d}.safetensors"
+
+
+def _timestep_features(backbone, spec: BankSpec, images: np.ndarray, labels: np.ndarray, ids: Sequence[str]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(timestep index, {layer: (B, D) float32 on the backbone's device}) for every bank timestep."""
+    from dap_ray.backbones import pool_features
+
+    x = backbone.images_to_tensor(images)  # (B,3,R,R) in [-1,1]
+    z0 = backbone.encode(x)  # (B,C,h,w)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    for ti, t in enumerate(spec.timesteps):
+        noise = torch.stack([torch.randn(z0.shape[1:], generator=torch.Generator().manual_seed(seed_for("bank", spec.seed, i, t))) for i in ids])
+        z_t = ddim.add_noise(z0, noise.to(z0.device), float(backbone.alphas_cumprod[t]))
+        feats = backbone.features(z_t, t, y, list(spec.layers))
+        yield ti, {layer: pool_features(feats[layer], spec.pooling).float() for layer in spec.layers}
 
 
 @torch.no_grad()
 def featurize(backbone, spec: BankSpec, images: np.ndarray, labels: np.ndarray, ids: Sequence[str], ok: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """uint8 (B,R,R,3) images -> {layer: float32 (B, T, D)}: φ_ℓ(z_t) for every bank timestep.
 
-    Pure torch (no Ray): the plain-loop reference in tests and benchmarks calls this too.
-    """
-    from dap_ray.backbones import pool_features
-
-    x = backbone.images_to_tensor(images)  # (B,3,R,R) in [-1,1]
-    z0 = backbone.encode(x)  # (B,C,h,w)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    Pure torch (no Ray): the plain-loop reference in tests and benchmarks, and the metrics, call this.
+    The bank's actors call `reduce_chunk`, which never holds (B, T, D)."""
     out: dict[str, list[torch.Tensor]] = {layer: [] for layer in spec.layers}
-    for t in spec.timesteps:
-        noise = torch.stack([torch.randn(z0.shape[1:], generator=torch.Generator().manual_seed(seed_for("bank", spec.seed, i, t))) for i in ids])
-        z_t = ddim.add_noise(z0, noise.to(z0.device), float(backbone.alphas_cumprod[t]))
-        feats = backbone.features(z_t, t, y, list(spec.layers))
+    for _, feats in _timestep_features(backbone, spec, images, labels, ids):
         for layer in spec.layers:
-            out[layer].append(pool_features(feats[layer], spec.pooling).float().cpu())  # (B, D)
+            out[layer].append(feats[layer].cpu())  # (B, D)
     res = {layer: torch.stack(v, dim=1).numpy() for layer, v in out.items()}  # (B, T, D)
     if ok is not None:
         for arr in res.values():
             arr[~np.asarray(ok, bool)] = 0.0
     return res
+
+
+@torch.no_grad()
+def reduce_chunk(backbone, spec: BankSpec, images: np.ndarray, labels: np.ndarray, ids: Sequence[str], ok: np.ndarray,
+                 keep: np.ndarray, rffs: dict[str, RandomFourierFeatures] | None = None) -> dict:
+    """One chunk -> its partial: per class present (usable images only), per layer, float64 sums
+    {"sum": (T, D), "sum_sq": (T,), "rff_sum": (T, M)}, the count, and the kept images' features
+    (k, T, D) float16 with their ids.
+
+    Reduced on the backbone's device, one timestep at a time (never (B, T, D) at once); each class's
+    sum runs over its images in chunk order (ids ascending), so the bytes depend on the chunk only.
+    Unreadable images (ok=False, zeros) stay in the forward batch, so its shape is the chunk's."""
+    rffs = {} if rffs is None else rffs
+    ok = np.asarray(ok, bool)
+    labels = np.asarray(labels, np.int64)
+    keep = np.asarray(keep, bool) & ok
+    classes = sorted({int(c) for c in labels[ok]})
+    T = len(spec.timesteps)
+    part: dict[str, Any] = {"count": {c: int(((labels == c) & ok).sum()) for c in classes}, "sums": {}, "kept": {},
+                            "kept_ids": {c: [str(ids[i]) for i in np.flatnonzero(keep & (labels == c))] for c in classes}}
+    if not classes:
+        return part
+    idx = {c: torch.as_tensor(np.flatnonzero(ok & (labels == c))) for c in classes}
+    kidx = {c: torch.as_tensor(np.flatnonzero(keep & (labels == c))) for c in classes}
+    for ti, feats in _timestep_features(backbone, spec, images, labels, ids):
+        for layer, f in feats.items():  # f: (B, D) float32
+            if spec.rff and layer not in rffs:
+                rffs[layer] = rff_for(spec.rff, f.shape[-1])
+            for c in classes:
+                fc = f[idx[c].to(f.device)].double()  # (n_c, D)
+                s = part["sums"].setdefault((layer, c), {"sum": np.zeros((T, f.shape[-1])), "sum_sq": np.zeros(T)})
+                s["sum"][ti] = fc.sum(0).cpu().numpy()
+                s["sum_sq"][ti] = float((fc * fc).sum())
+                if spec.rff:
+                    z = rffs[layer](fc).sum(0).cpu().numpy()  # (M,)
+                    s.setdefault("rff_sum", np.zeros((T, len(z))))[ti] = z
+                kept = part["kept"].setdefault((layer, c), np.zeros((len(kidx[c]), T, f.shape[-1]), np.float16))
+                if len(kidx[c]):
+                    kept[:, ti] = f[kidx[c].to(f.device)].half().cpu().numpy()
+    return part
+
+
+def partial_to_bytes(part: dict) -> bytes:
+    """A chunk's partial as safetensors: tensors named <kind>/<class>/<layer>, the rest in the metadata."""
+    t: dict[str, torch.Tensor] = {}
+    for (layer, c), s in part["sums"].items():
+        for kind, v in s.items():
+            t[f"{kind}/{c}/{layer}"] = torch.from_numpy(np.ascontiguousarray(v))
+    for (layer, c), v in part["kept"].items():
+        t[f"kept/{c}/{layer}"] = torch.from_numpy(np.ascontiguousarray(v))
+    meta = {"count": json.dumps(part["count"]), "kept_ids": json.dumps(part["kept_ids"]), "skipped": json.dumps(part.get("skipped", []))}
+    return st_save(t, metadata=meta)
+
+
+def partial_from_bytes(blob: bytes) -> dict:
+    n = int.from_bytes(blob[:8], "little")
+    meta = json.loads(blob[8 : 8 + n]).get("__metadata__", {})
+    part: dict[str, Any] = {"count": {int(c): v for c, v in json.loads(meta["count"]).items()}, "sums": {}, "kept": {},
+                            "kept_ids": {int(c): v for c, v in json.loads(meta["kept_ids"]).items()},
+                            "skipped": [tuple(x) for x in json.loads(meta["skipped"])]}
+    for name, v in st_load(blob).items():
+        kind, c, layer = name.split("/", 2)
+        if kind == "kept":
+            part["kept"][(layer, int(c))] = v.numpy()
+        else:
+            part["sums"].setdefault((layer, int(c)), {})[kind] = v.numpy()
+    return part
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +373,9 @@ def featurize(backbone, spec: BankSpec, images: np.ndarray, labels: np.ndarray, 
 
 
 class StatsAccumulator:
-    """Per-class sums per (layer, timestep) in float64: count (C,), sum (C,T,D), sum_sq (C,T), rff_sum (C,T,M)."""
+    """Dense in-memory per-class sums per (layer, timestep) in float64: count (C,), sum (C,T,D),
+    sum_sq (C,T), rff_sum (C,T,M). For banks built in one process (tests, benchmarks, tools) from
+    `featurize` output; the Ray build never holds (C, T, D): it writes per-class files."""
 
     def __init__(self, num_classes: int, spec: BankSpec, dims: dict[str, int] | None = None):
         self.C, self.T, self.spec = num_classes, len(spec.timesteps), spec
@@ -242,78 +425,88 @@ class StatsAccumulator:
             if other.rff_sum:
                 self.rff_sum[layer] += other.rff_sum[layer]
 
-    def to_bytes(self) -> bytes:
-        t = {"count": torch.from_numpy(self.count)}
-        for layer in self.sum:
-            t[f"{layer}/sum"] = torch.from_numpy(self.sum[layer])
-            t[f"{layer}/sum_sq"] = torch.from_numpy(self.sum_sq[layer])
-            if layer in self.rff_sum:
-                t[f"{layer}/rff_sum"] = torch.from_numpy(self.rff_sum[layer])
-        return st_save(t)
-
-    @classmethod
-    def from_bytes(cls, blob: bytes, num_classes: int, spec: BankSpec) -> StatsAccumulator:
-        t = st_load(blob)
-        acc = cls(num_classes, spec)
-        acc.count = t["count"].numpy().copy()
-        for name, v in t.items():
-            if name == "count":
-                continue
-            layer, kind = name.rsplit("/", 1)
-            {"sum": acc.sum, "sum_sq": acc.sum_sq, "rff_sum": acc.rff_sum}[kind][layer] = v.numpy().copy()
-        return acc
+    def class_sums(self, layer: str, label: int) -> dict[str, np.ndarray]:
+        out = {"sum": self.sum[layer][label], "sum_sq": self.sum_sq[layer][label]}
+        if layer in self.rff_sum:
+            out["rff_sum"] = self.rff_sum[layer][label]
+        return out
 
 
 @dataclass
 class Bank:
-    """A finished bank: where it is, its spec and its per-class statistics."""
+    """A finished bank: where it is, its spec, and its per-class statistics, read one (layer, class)
+    at a time through a bounded LRU cache (an in-memory `StatsAccumulator` instead, for a bank built
+    in one process)."""
 
     path: str
     spec: BankSpec
     classes: list[ClassInfo]
-    stats: StatsAccumulator
+    stats: StatsAccumulator | None  # None: the per-class files under `path`
     skipped: list[tuple[str, str]]
     meta: dict
+    cache_classes: int = CACHE_CLASSES
+    _cache: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False, compare=False)
+
+    @property
+    def count(self) -> np.ndarray:
+        """(C,) usable real images per class."""
+        return self.stats.count if self.stats is not None else np.asarray(self.meta["counts"], np.int64)
+
+    def dim(self, layer: str) -> int:
+        return int(self.stats.sum[layer].shape[-1]) if self.stats is not None else int(self.meta["dims"][layer])
+
+    def class_sums(self, layer: str, label: int) -> dict[str, np.ndarray]:
+        """float64 {"sum": (T, D), "sum_sq": (T,), "rff_sum": (T, M)} of one (layer, class)."""
+        if self.stats is not None:
+            return self.stats.class_sums(layer, label)
+        key = (layer, int(label))
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        fs, root = fsspec.core.url_to_fs(self.path)
+        sums = {k: v.numpy() for k, v in st_load(fs.cat_file(stats_path(root, layer, int(label)))).items() if k != "count"}
+        self._cache[key] = sums
+        while len(self._cache) > max(1, self.cache_classes):
+            self._cache.popitem(last=False)
+        return sums
 
     def class_stats(self, layer: str, label: int, t: int) -> dict[str, torch.Tensor]:
         """Finalized statistics of one (class, layer, timestep), as guidance.class_energy expects."""
         ti = self.spec.timesteps.index(t)
-        n = int(self.stats.count[label])
+        n = int(self.count[label])
         if n == 0:
             raise UserError(f"class {self.classes[label].key!r} has no usable real image in the bank")
+        s = self.class_sums(layer, label)
         out = {
             "count": torch.tensor(n),
-            "mean": torch.from_numpy(self.stats.sum[layer][label, ti] / n),
-            "mean_sq_norm": torch.tensor(self.stats.sum_sq[layer][label, ti] / n),
+            "mean": torch.from_numpy(s["sum"][ti] / n),
+            "mean_sq_norm": torch.tensor(s["sum_sq"][ti] / n),
         }
-        if self.stats.rff_sum:
-            out["rff_mean"] = torch.from_numpy(self.stats.rff_sum[layer][label, ti] / n)
+        if "rff_sum" in s:
+            out["rff_mean"] = torch.from_numpy(s["rff_sum"][ti] / n)
         return out
 
-    def rff(self, layer: str) -> RandomFourierFeatures | None:
-        return rff_for(self.spec.rff, self.stats.sum[layer].shape[-1]) if self.spec.rff else None
-
-    def class_features(self, layer: str, label: int, t: int) -> torch.Tensor:
-        """The kept per-image features of one (class, layer, timestep): (n_kept, D) float32, rows in id order.
-
-        The images kept per class are `spec.max_per_class` (all when null); DAP's exact RBF energy runs
-        over them. UserError when none is kept for the class."""
+    def class_features(self, layer: str, label: int, t: int | None = None) -> torch.Tensor:
+        """The kept real images' features of one class (the first `keep_per_class` by id):
+        (n_kept, D) float32 at timestep t (default: the least noisy bank timestep)."""
+        t = min(self.spec.timesteps) if t is None else int(t)
+        if t not in self.spec.timesteps:
+            raise ValueError(f"timestep {t} is not in the bank (it has {list(self.spec.timesteps)})")
+        if self.stats is not None:
+            raise ValueError("an in-memory bank keeps no per-image features")
         fs, root = fsspec.core.url_to_fs(self.path)
-        files = sorted(fs.glob(f"{root}/layer={layer}/*.parquet"))
-        filters = [("label", "=", int(label)), ("timestep", "=", int(t))]
-        tables = [pq.read_table(f, filesystem=fs, columns=["id", "feature"], filters=filters) for f in files]
-        table = pa.concat_tables(tables).sort_by("id") if tables else None
-        if table is None or table.num_rows == 0:
-            raise UserError(f"the bank keeps no feature of class {self.classes[label].key!r} at layer {layer}, t={t}: "
-                            "kernel=rbf needs bank.max_per_class >= 2 (null keeps every image)")
-        col = table.column("feature").combine_chunks()  # FixedSizeList<float32>[D]
-        dim = col.type.list_size
-        return torch.from_numpy(col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=True))
+        table = pq.read_table(features_path(root, layer, int(label)), filesystem=fs)
+        table = table.filter(pc.equal(table["timestep"], t)).sort_by("id")
+        flat = table.column("feature").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return torch.from_numpy(flat.astype(np.float32).reshape(table.num_rows, self.dim(layer)))
+
+    def rff(self, layer: str) -> RandomFourierFeatures | None:
+        return rff_for(self.spec.rff, self.dim(layer)) if self.spec.rff else None
 
     def read_features(self, layer: str) -> pa.Table:
-        """The per-sample Parquet rows of one layer (sorted by id, timestep)."""
+        """The kept per-image rows of one layer, every class (sorted by id, timestep); float16 features."""
         fs, root = fsspec.core.url_to_fs(self.path)
-        files = sorted(fs.glob(f"{root}/layer={layer}/*.parquet"))
+        files = sorted(fs.glob(f"{root}/features/layer={layer}/*.parquet"))
         tables = [pq.read_table(f, filesystem=fs) for f in files]
         if not tables:
             return pa.table({})
@@ -321,13 +514,39 @@ class Bank:
 
 
 # ---------------------------------------------------------------------------------------------
-# build / load
+# per-class files
 # ---------------------------------------------------------------------------------------------
 
 
-def _table_bytes(table: pa.Table) -> bytes:
+def stats_path(root: str, layer: str, label: int) -> str:
+    return f"{root}/stats/{layer}/c{label:05d}.safetensors"
+
+
+def features_path(root: str, layer: str, label: int) -> str:
+    return f"{root}/features/layer={layer}/c{label:05d}.parquet"
+
+
+def class_marker(root: str, label: int) -> str:
+    return f"{root}/classes/c{label:05d}.json"
+
+
+def kept_table(layer: str, label: int, ids: Sequence[str], paths: Sequence[str], kept: np.ndarray, timesteps: Sequence[int]) -> pa.Table:
+    """Long format: one row per (kept image, timestep): id, path, label, timestep, layer, feature (D,) float16."""
+    n, T = len(ids), len(timesteps)
+    feature = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(kept, np.float16).reshape(-1)), kept.shape[-1])
+    return pa.table({
+        "id": pa.array(np.repeat(np.asarray(ids, dtype=object), T).astype(str), pa.string()),
+        "path": pa.array(np.repeat(np.asarray(paths, dtype=object), T).astype(str), pa.string()),
+        "label": pa.array(np.full(n * T, label, np.int32)),
+        "timestep": pa.array(np.tile(np.asarray(timesteps, np.int32), n)),
+        "layer": pa.array([layer] * (n * T), pa.string()),
+        "feature": feature,
+    })
+
+
+def table_bytes(table: pa.Table) -> bytes:
     """Parquet bytes: zstd for the id/path/label columns; the float features stored plain, because
-    zstd saved ~2% on them for most of the driver's write time."""
+    zstd saved ~2% on them for most of the write time."""
     sink = pa.BufferOutputStream()
     codecs = {name: ("none" if name == "feature" else "zstd") for name in table.column_names}
     strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
@@ -335,45 +554,58 @@ def _table_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _shard_tables(rows: dict[str, np.ndarray], spec: BankSpec, keep: set[str]) -> dict[str, pa.Table]:
-    """Long format per layer: one row per (image, timestep): id, path, label, timestep, layer, feature (D,)."""
-    out = {}
-    sel = [i for i, (i_id, ok) in enumerate(zip(rows["id"], rows["ok"])) if ok and str(i_id) in keep]
-    T = len(spec.timesteps)
-    for layer in spec.layers:
-        f = rows[f"feat_{layer}"][sel]  # (n, T, D)
-        n, D = len(sel), f.shape[-1]
-        flat = pa.array(f.reshape(-1).astype(np.float32))
-        feature = pa.FixedSizeListArray.from_arrays(flat, D)
-        out[layer] = pa.table({
-            "id": pa.array(np.repeat(np.asarray(rows["id"], dtype=object)[sel], T).astype(str)),
-            "path": pa.array(np.repeat(np.asarray(rows["path"], dtype=object)[sel], T).astype(str)),
-            "label": pa.array(np.repeat(np.asarray(rows["label"])[sel], T).astype(np.int32)),
-            "timestep": pa.array(np.tile(np.asarray(spec.timesteps, np.int32), n)),
-            "layer": pa.array([layer] * (n * T)),
-            "feature": feature,
-        })
-    return out
+class ClassFold:
+    """The driver's running sums of one class, folded chunk by chunk in chunk order."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.sums: dict[str, dict[str, np.ndarray]] = {}
+        self.kept: dict[str, list[np.ndarray]] = {}
+        self.kept_ids: list[str] = []
+        self.skipped: list[tuple[str, str]] = []
+
+    def add(self, part: dict, label: int) -> None:
+        self.count += part["count"].get(label, 0)
+        self.kept_ids += part["kept_ids"].get(label, [])
+        for (layer, c), s in part["sums"].items():
+            if c != label:
+                continue
+            acc = self.sums.setdefault(layer, {})
+            for kind, v in s.items():
+                acc[kind] = acc[kind] + v if kind in acc else v.copy()
+            self.kept.setdefault(layer, []).append(part["kept"][(layer, c)])
+
+    def write(self, fs, root: str, spec: BankSpec, label: int, paths: dict[str, str]) -> dict:
+        """The class's files, its marker last; returns the marker's content."""
+        for layer in spec.layers:
+            if layer not in self.sums:  # no usable image: the build stops on it before _COMMIT
+                continue
+            t = {"count": torch.tensor(self.count, dtype=torch.int64), **{k: torch.from_numpy(v) for k, v in self.sums[layer].items()}}
+            fs.makedirs(f"{root}/stats/{layer}", exist_ok=True)
+            write_bytes(fs, stats_path(root, layer, label), st_save(t))
+            kept = np.concatenate(self.kept[layer]) if self.kept.get(layer) else np.zeros((0, len(spec.timesteps), 0), np.float16)
+            fs.makedirs(f"{root}/features/layer={layer}", exist_ok=True)
+            write_bytes(fs, features_path(root, layer, label),
+                        table_bytes(kept_table(layer, label, self.kept_ids, [paths[i] for i in self.kept_ids], kept, spec.timesteps)))
+        marker = {"count": self.count, "kept_ids": self.kept_ids, "skipped": sorted(self.skipped),
+                  "dims": {layer: int(s["sum"].shape[-1]) for layer, s in self.sums.items()}}
+        write_bytes(fs, class_marker(root, label), json.dumps(marker).encode())
+        return marker
 
 
-def _kept_ids(records: Sequence[ImageRecord], max_per_class: int | None) -> set[str]:
-    """Per-sample rows kept: the first max_per_class ids of each class in sorted order (deterministic)."""
-    if max_per_class is None:
-        return {r.id for r in records}
-    by_class: dict[int, list[str]] = {}
-    for r in sorted(records, key=lambda r: r.id):
-        by_class.setdefault(r.label, []).append(r.id)
-    return {i for ids in by_class.values() for i in ids[:max_per_class]}
+# ---------------------------------------------------------------------------------------------
+# build / load
+# ---------------------------------------------------------------------------------------------
 
 
 def load_bank(path: str, spec: BankSpec, classes: Sequence[ClassInfo]) -> Bank | None:
+    """A committed bank's handle: its meta only; statistics are read per class when asked for."""
     fs, root = fsspec.core.url_to_fs(path)
     if not fs.exists(f"{root}/{COMMIT}"):
         return None
-    stats = StatsAccumulator.from_bytes(fs.cat_file(f"{root}/stats.safetensors"), len(classes), spec)
     meta = json.loads(fs.cat_file(f"{root}/meta.json"))
     skipped = [tuple(x) for x in meta.get("skipped", [])]
-    return Bank(path, spec, list(classes), stats, skipped, meta)
+    return Bank(path, spec, list(classes), None, skipped, meta)
 
 
 def build_bank(
@@ -396,84 +628,98 @@ def build_bank(
         bank.meta["reused"] = True
         return bank
     fs, root = fsspec.core.url_to_fs(path)
-    fs.makedirs(root, exist_ok=True)
+    fs.makedirs(f"{root}/chunks", exist_ok=True)
+    fs.makedirs(f"{root}/classes", exist_ok=True)
     write_bytes(fs, f"{root}/spec.json", json.dumps(asdict(spec), indent=1, default=str).encode())
 
-    # Resume: shards committed by an earlier (killed) build.
-    acc = StatsAccumulator(len(dataset.classes), spec)
-    done: set[str] = set()
-    skipped: list[tuple[str, str]] = []
-    shard_ids = []
-    for marker in sorted(fs.glob(f"{root}/part-*.done.json")):
-        info = json.loads(fs.cat_file(marker))
-        k = info["shard"]
-        acc.merge(StatsAccumulator.from_bytes(fs.cat_file(f"{root}/part-{k:05d}.stats.safetensors"), len(dataset.classes), spec))
-        done.update(info["ids"])
-        skipped.extend(tuple(x) for x in info["skipped"])
-        shard_ids.append(k)
-    next_shard = max(shard_ids, default=-1) + 1
-    todo = [r for r in dataset.train if r.id not in done]
-    if done:
-        log.info("bank: resuming %s (%d images already done, %d to go)", path, len(done), len(todo))
-    keep = _kept_ids(dataset.train, spec.max_per_class)
+    chunks = plan_chunks(dataset.train, spec.batch_size, spec.keep_per_class)
+    paths = {r.id: r.path for r in dataset.train}
+    last_chunk: dict[int, int] = {}  # class -> its last chunk: the class is complete once that chunk is folded
+    for ch in chunks:
+        for c in ch.labels:
+            last_chunk[c] = ch.index
+    # Resume: committed classes are final; chunk files of the others are reused.
+    final: dict[int, dict] = {}
+    for c in last_chunk:
+        if fs.exists(class_marker(root, c)):
+            final[c] = json.loads(fs.cat_file(class_marker(root, c)))
+    on_disk = {int(p.rsplit("/c", 1)[-1].split(".")[0]) for p in fs.glob(f"{root}/chunks/c*.safetensors")}
+    needed = [ch for ch in chunks if not ch.labels <= set(final)]
+    todo = [ch for ch in needed if ch.index not in on_disk]
+    if final or on_disk:
+        log.info("bank: resuming %s (%d classes final, %d chunk(s) on disk, %d of %d chunks to go)", path, len(final),
+                 len(on_disk), len(todo), len(chunks))
 
     t0 = time.time()
     n_images = 0
-    first_batch_at: float | None = None  # seconds until the first featurised batch: actor start + model load
+    first_batch_at: float | None = None  # seconds until the first featurised chunk: actor start + model load
+    folds: dict[int, ClassFold] = {}
+    ready: set[int] = {ch.index for ch in needed if ch.index in on_disk}
+    pos = 0  # index into `needed`: the next chunk to fold
+    folded: deque[Chunk] = deque()  # folded chunks whose file is still on disk
+
+    def fold_ready() -> None:
+        """Fold the finished chunks in chunk order; write each class as its last chunk goes in; drop
+        a chunk's file once every class it holds is written."""
+        nonlocal pos
+        while pos < len(needed) and needed[pos].index in ready:
+            ch = needed[pos]
+            part = partial_from_bytes(fs.cat_file(chunk_path(root, ch.index)))
+            label_of = {r.path: r.label for r in ch.records}
+            for p, why in part["skipped"]:
+                if label_of[p] not in final:
+                    folds.setdefault(label_of[p], ClassFold()).skipped.append((p, why))
+            for c in sorted(ch.labels - set(final)):
+                folds.setdefault(c, ClassFold()).add(part, c)
+                if last_chunk[c] == ch.index:
+                    final[c] = folds.pop(c).write(fs, root, spec, c, paths)
+            folded.append(ch)
+            # classes complete in chunk order, so the folded chunks whose classes are all written
+            # are a prefix of `folded`
+            while folded and folded[0].labels <= final.keys():
+                fs.rm(chunk_path(root, folded.popleft().index))
+            pos += 1
+
+    fold_ready()
     if todo:
-        ds = model_pipeline(todo, BankFeaturizer, {"spec": spec, "classes": dataset.classes}, spec.resolution, spec.batch_size,
+        ds = chunk_pipeline(todo, BankFeaturizer, {"spec": spec, "classes": dataset.classes, "root": path}, spec.resolution,
                             num_actors, gpus_per_actor, cpus_per_actor)
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc="feature bank", unit="img", disable=not progress)
-        buf: list[dict[str, np.ndarray]] = []
-        buffered = 0
-
-        def flush() -> None:
-            nonlocal next_shard, buf, buffered
-            if not buf:
-                return
-            rows = {k: np.concatenate([b[k] for b in buf]) for k in buf[0]}
-            part = StatsAccumulator(len(dataset.classes), spec)
-            okm = rows["ok"].astype(bool)
-            part.add(rows["label"][okm], {layer: rows[f"feat_{layer}"][okm] for layer in spec.layers})
-            bad = [(str(p), str(r)) for p, r, o in zip(rows["path"], rows["reason"], okm) if not o]
-            for layer, table in _shard_tables(rows, spec, keep).items():
-                if table.num_rows:
-                    fs.makedirs(f"{root}/layer={layer}", exist_ok=True)
-                    write_bytes(fs, f"{root}/layer={layer}/part-{next_shard:05d}.parquet", _table_bytes(table))
-            write_bytes(fs, f"{root}/part-{next_shard:05d}.stats.safetensors", part.to_bytes())
-            # The marker last: a shard without it is ignored (and overwritten) by a resumed build.
-            info = {"shard": next_shard, "ids": [str(i) for i in rows["id"]], "skipped": bad}
-            write_bytes(fs, f"{root}/part-{next_shard:05d}.done.json", json.dumps(info).encode())
-            acc.merge(part)
-            skipped.extend(bad)
-            next_shard += 1
-            buf, buffered = [], 0
-
-        # fixed-size batches: shard boundaries (and resume checkpoints) do not depend on how Ray
-        # happened to bundle the blocks
-        for batch in ds.iter_batches(batch_size=spec.batch_size, batch_format="numpy"):
+        bar = tqdm(total=sum(len(ch.records) for ch in todo), desc="feature bank", unit="img", disable=not progress)
+        for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
             if first_batch_at is None:
                 first_batch_at = time.time() - t0
-            buf.append(batch)
-            buffered += len(batch["id"])
-            n_images += len(batch["id"])
-            bar.update(len(batch["id"]))
-            if buffered >= SHARD_IMAGES:
-                flush()
-        flush()
+            for k, n in zip(batch["chunk"], batch["n"]):
+                ready.add(int(k))
+                n_images += int(n)
+                bar.update(int(n))
+            fold_ready()
         bar.close()
+    fold_ready()
+    if pos < len(needed):  # a chunk the pipeline never returned: a bug, never a silent partial bank
+        raise RuntimeError(f"bank: chunk {needed[pos].index} of {path} was not produced")
     seconds = time.time() - t0
-    empty = [c for c in dataset.classes if acc.count[c.index] == 0]
+    counts = np.zeros(len(dataset.classes), np.int64)
+    skipped: list[tuple[str, str]] = []
+    dims: dict[str, int] = {}
+    for c, m in final.items():
+        counts[c] = m["count"]
+        skipped += [tuple(x) for x in m["skipped"]]
+        dims.update(m.get("dims", {}))
+    empty = [c for c in dataset.classes if counts[c.index] == 0]
     if empty:  # skipped.csv is not written yet (the run stops here): name the files and reasons in the message
-        paths = {r.path for r in dataset.train if r.label in {c.index for c in empty}}
-        bad = [f"{p} ({why})" for p, why in sorted(skipped) if p in paths]
+        paths_empty = {r.path for r in dataset.train if r.label in {c.index for c in empty}}
+        bad = [f"{p} ({why})" for p, why in sorted(skipped) if p in paths_empty]
         raise UserError(f"class(es) {', '.join(c.key for c in empty)} have no usable image: {len(bad)} unreadable file(s)"
                         + (f", e.g. {'; '.join(bad[:2])}" if bad else ""))
     meta = {
         "key": key,
-        "images": int(acc.count.sum()),
+        "format": FORMAT,
+        "images": int(counts.sum()),
+        "images_featurised": n_images,  # by this build (a resumed one does only what was missing)
+        "counts": counts.tolist(),
+        "dims": dims,
         "skipped": sorted(skipped),
         "build_seconds": round(seconds, 2),
         "images_per_second": round(n_images / seconds, 2) if n_images and seconds > 0 else None,
@@ -486,11 +732,10 @@ def build_bank(
         "timesteps": list(spec.timesteps),
         "layers": list(spec.layers),
     }
-    write_bytes(fs, f"{root}/stats.safetensors", acc.to_bytes())
     write_bytes(fs, f"{root}/meta.json", json.dumps(meta, indent=1).encode())
     write_bytes(fs, f"{root}/{COMMIT}", b"ok\n")
     meta["reused"] = False
-    return Bank(path, spec, list(dataset.classes), acc, sorted(skipped), meta)
+    return Bank(path, spec, list(dataset.classes), None, sorted(skipped), meta)
 
 
 def make_spec(cfg: Any, backbone, layers: Sequence[str]) -> BankSpec:
@@ -509,7 +754,7 @@ def make_spec(cfg: Any, backbone, layers: Sequence[str]) -> BankSpec:
         seed=int(cfg.bank.seed),
         resolution=int(backbone.resolution),
         rff=None,  # DAP's RBF guidance is exact over the kept features (Bank.class_features), not RFF
-        max_per_class=cfg.bank.max_per_class,
+        keep_per_class=int(cfg.bank.keep_per_class),
         batch_size=int(cfg.bank.batch_size),
         dtype=resolve_dtype(cfg),  # the bank runs in the sampler's precision, resolved once on the driver
     )

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dap_ray.config import CONFIG_DIR
+from dap_ray.config import CONFIG_DIR, RENAMED_KEYS
 from dap_ray.errors import ConfigError, UserError
 
 GROUPS = ("dataset", "model", "method", "sampler", "bank", "eval", "runtime", "tune")
@@ -99,6 +99,8 @@ def compose(config_name: str, overrides: Sequence[str], config_dir: Path = CONFI
         key, _, value = ov.lstrip("+~").partition("=")
         if "=" not in ov:
             raise UserError(f"override {ov!r} is not key=value (see --help)")
+        if key in RENAMED_KEYS:
+            raise ConfigError(key, value, RENAMED_KEYS[key])
         if key in GROUPS and key not in schema_top:
             raise ConfigError(key, value, f"the {key} group is not part of {config_name}; it belongs to {_commands_with_group(key)}")
         if _is_sweep(value):

@@ -98,7 +98,9 @@ class SamplerConfig:
 class BankConfig:
     seed: int = 0  # noise seed of the real-feature bank
     batch_size: int = 64
-    max_per_class: int | None = None  # per-sample Parquet rows kept per class (statistics use all images)
+    # per-image features kept per class (float16; the first by image id), for exact-kernel references and
+    # tools; the statistics always use every image. Bytes grow with it, not with the class's size.
+    keep_per_class: int = 8
     layers: list[str] | None = None  # null = the guidance layer
 
 
@@ -183,6 +185,12 @@ class EvaluateConfig(DistillConfig):
 
 STAGES = ("bank", "sample", "evaluate", "report")
 
+# Keys that no longer exist -> what replaced them (a one-line error instead of "unknown key").
+RENAMED_KEYS = {
+    "bank.max_per_class": "bank.max_per_class is gone: the bank keeps bank.keep_per_class images' per-image features "
+                          "per class (float16, default 8) and its statistics always use every image; set bank.keep_per_class",
+}
+
 
 def to_structured(cfg: DictConfig | dict, schema: type = DistillConfig) -> Any:
     """Merge a composed config into its dataclass schema: unknown keys and wrong types are errors."""
@@ -192,6 +200,9 @@ def to_structured(cfg: DictConfig | dict, schema: type = DistillConfig) -> Any:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         msg = str(e).splitlines()[0]
+        if str(key) in RENAMED_KEYS:
+            raise ConfigError(str(key), OmegaConf.select(cfg, str(key), default="?") if isinstance(cfg, DictConfig) else "?",
+                              RENAMED_KEYS[str(key)]) from None
         if "Key '" in msg and "not in" in msg:
             parent = ".".join(str(key).split(".")[:-1])
             node = OmegaConf.select(base, parent) if parent else base
@@ -257,7 +268,7 @@ def validate(cfg: Any) -> None:
     _check(s.batch_size >= 1, "sampler.batch_size", s.batch_size, "an integer >= 1")
     _choice("sampler.dtype", s.dtype, DTYPES)
     _check(cfg.bank.batch_size >= 1, "bank.batch_size", cfg.bank.batch_size, "an integer >= 1")
-    _check(cfg.bank.max_per_class is None or cfg.bank.max_per_class >= 1, "bank.max_per_class", cfg.bank.max_per_class, "null (all) or an integer >= 1")
+    _check(cfg.bank.keep_per_class >= 0, "bank.keep_per_class", cfg.bank.keep_per_class, "an integer >= 0")
     e = cfg.eval
     _choice("eval.protocol", e.protocol, PROTOCOLS)
     _check(len(e.seeds) >= 1, "eval.seeds", list(e.seeds), "a non-empty list of integers")

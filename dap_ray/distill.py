@@ -123,7 +123,7 @@ def check_locations(cfg: Any) -> None:
 
 
 def prepare(cfg_raw: Any) -> tuple[Any, Any, Any]:
-    """Validate the config and its locations, resolve the dataset, load the backbone on the driver."""
+    """Validate the config and its locations, resolve the dataset, build the backbone's structure (no weights)."""
     from dap_ray.backbones import load_backbone
     from dap_ray.data import resolve_dataset
 
@@ -136,12 +136,12 @@ def prepare(cfg_raw: Any) -> tuple[Any, Any, Any]:
     dataset = resolve_dataset(ds.name, ds.root, OmegaConf.to_container(ds.classes) if OmegaConf.is_config(ds.classes) else ds.classes,
                               train_dir=ds.train_dir, test_dir=ds.test_dir, test_fraction=ds.test_fraction, seed=ds.split_seed,
                               cache_dir=expand(cfg.cache_dir))
-    needs_model = any(m != "random_real" for m in cfg.methods)
-    backbone = None
-    if needs_model or True:  # the driver copy is CPU-only and gives schedule, shapes, layer names
-        backbone = load_backbone(OmegaConf.to_container(cfg.model, resolve=True), "cpu")
-        validate_against_backbone(cfg, backbone)
-        backbone.bind_classes(dataset.classes)
+    # The driver's copy is built from the model's config files on the meta device: schedule, shapes,
+    # layer names and class table, no weights read and no forward run here (a KubeRay head is sized for
+    # orchestration, not for holding the backbone); the bank, sampler and metric actors load the weights.
+    backbone = load_backbone(OmegaConf.to_container(cfg.model, resolve=True), "meta")
+    validate_against_backbone(cfg, backbone)
+    backbone.bind_classes(dataset.classes)
     return cfg, dataset, backbone
 
 

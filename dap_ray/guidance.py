@@ -51,7 +51,7 @@ Why the mean-embedding forms scale
   with mu = (1/N) sum_j phi_j and m2 = (1/N) sum_j ||phi_j||^2. Exact, and only (N, sum phi_j,
   sum ||phi_j||^2) are needed: the cost of a guided step does not depend on N.
 * RBF kernel k(a, b) = exp(-||a - b||^2 / (2 sigma^2)): DAP guidance uses the exact energy over the
-  bank's kept per-class features (``bank.max_per_class``), O(B N D) per step, with the bandwidth from
+  bank's kept per-class features (``bank.keep_per_class``), O(B N D) per step, with the bandwidth from
   :func:`median_bandwidth`. Random Fourier features z (Rahimi & Recht), k(a, b) ~= <z(a), z(b)>, give
   an N-independent mean-embedding form (:func:`energy_mean_rff`), but their gradient's accuracy depends
   on sigma and M (measured cosine with the exact gradient at D = 1152, M = 2048: 0.64 with a

@@ -193,3 +193,48 @@ def test_packaged_digits_dit_loads():
         pytest.skip("the packaged digits DiT is not built")
     b = load_backbone({"type": "dit", "path": None})
     assert b.resolution == 8 and b.latent_shape == (1, 8, 8) and b.num_train_timesteps == 1000
+
+
+def test_driver_builds_the_model_from_configs_without_reading_weights(tiny_dit_dir, cache_dir, tmp_path, monkeypatch):
+    """distill's driver (`prepare`) validates and plans with a meta-device copy: no tensor data is read
+    (every weights loader raises here), every parameter is on meta, and it still gives the schedule,
+    shapes, layer names and class table the actors' real load gives."""
+    import safetensors
+    import safetensors.torch
+
+    from dap_ray.cli import compose
+    from dap_ray.distill import prepare
+
+    real = load_backbone({"type": "dit", "path": str(tiny_dit_dir)})
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the driver read model weights")
+
+    for mod, name in ((safetensors.torch, "load_file"), (safetensors.torch, "load"), (safetensors, "safe_open"),
+                      (torch.nn.Module, "load_state_dict"), (torch, "load")):
+        monkeypatch.setattr(mod, name, no_weights)
+    cfg, dataset, bb = prepare(compose("distill", [f"model.path={tiny_dit_dir}", f"out_dir={tmp_path / 'run'}", f"cache_dir={cache_dir}"]))
+    params = list(bb.transformer.parameters())
+    assert params and all(p.device.type == "meta" for p in params)
+    assert bb.layer_names == real.layer_names and bb.latent_shape == real.latent_shape and bb.resolution == real.resolution
+    assert torch.equal(bb.alphas_cumprod, real.alphas_cumprod)
+    assert len(bb.classes) == len(dataset.classes)
+
+
+def test_meta_copy_checks_weights_against_config_from_headers(tiny_dit_dir, tmp_path):
+    """A config that asks for more blocks than the weights hold is refused by the meta copy too."""
+    import json
+    import shutil
+
+    bad = tmp_path / "model"
+    shutil.copytree(tiny_dit_dir, bad)
+    cfg = json.loads((bad / "transformer" / "config.json").read_text())
+    cfg["num_layers"] += 2
+    (bad / "transformer" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="do not match its config.json"):
+        load_backbone({"type": "dit", "path": str(bad)}, "meta")
+    cfg["num_layers"] -= 2
+    cfg["num_attention_heads"] *= 2  # same tensor names, other shapes
+    (bad / "transformer" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="could not load the DiT transformer"):
+        load_backbone({"type": "dit", "path": str(bad)}, "meta")

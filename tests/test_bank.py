@@ -79,12 +79,50 @@ def test_bank_equals_plain_loop(setup, ray_session, tmp_path):
     ds, bb, spec = setup
     bank = build_bank(spec, ds, str(tmp_path), num_actors=1, progress=False)
     count, sums = _plain_loop_stats(ds, bb, spec)
-    np.testing.assert_array_equal(bank.stats.count, count)
+    np.testing.assert_array_equal(bank.count, count)
     for layer in spec.layers:
         # float32 features, float64 sums: per-image features agree to float32 rounding across batch sizes
-        np.testing.assert_allclose(bank.stats.sum[layer], sums[layer], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(_sums(bank, layer), sums[layer], rtol=1e-5, atol=1e-5)
     st = bank.class_stats("0", 1, spec.timesteps[0])
     assert st["mean"].shape == (256,) and int(st["count"]) == count[1]
+
+
+def _sums(bank, layer: str) -> np.ndarray:
+    """(C, T, D) Σφ of every class, read back from the bank's per-class files."""
+    return np.stack([bank.class_sums(layer, c.index)["sum"] for c in bank.classes])
+
+
+def _stats_bytes(bank) -> dict[str, bytes]:
+    """Every statistics and kept-feature file of a bank, relative path -> bytes."""
+    from pathlib import Path
+
+    root = Path(bank.path)
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.parts[-2] != "classes"
+            and p.name not in ("meta.json", "spec.json")}
+
+
+def test_one_and_two_actors_give_the_same_bytes_and_dap_images(setup, ray_session, tmp_path):
+    """Ray Data does not keep batch order with several actors: the fixed chunks and the fold in chunk
+    order make the statistics, and so the DAP images, the same bytes for 1 and 2 bank actors."""
+    import torch
+
+    from dap_ray.methods.dap import DAPGuidance
+    from dap_ray.sampling import initial_noise, sample_latents
+
+    ds, bb, spec = setup
+    one = build_bank(spec, ds, str(tmp_path / "one"), num_actors=1, progress=False)
+    two = build_bank(spec, ds, str(tmp_path / "two"), num_actors=2, progress=False)
+    assert one.meta["num_actors"] == 1 and two.meta["num_actors"] == 2
+    files = _stats_bytes(one)
+    assert sum(k.startswith("stats/") for k in files) == len(spec.layers) * len(ds.classes)
+    assert files == _stats_bytes(two)
+    noise = torch.stack([initial_noise(bb.latent_shape, 0, "dap", i) for i in range(2)])
+    y = torch.tensor([1, 2])
+    lat = [sample_latents(bb, noise, y, 4, cfg_scale=2.0, guidance=DAPGuidance(b, "2", "linear", 5.0, 0, "tokens")) for b in (one, two)]
+    images = [bb.tensor_to_images(bb.decode(x)) for x in lat]
+    assert np.array_equal(images[0], images[1])
+    vanilla = bb.tensor_to_images(bb.decode(sample_latents(bb, noise, y, 4, cfg_scale=2.0)))
+    assert not np.array_equal(images[0], vanilla)  # the guidance acted: the equality above means something
 
 
 def test_same_bank_for_actors_and_batch_sizes(setup, ray_session, tmp_path):
@@ -92,14 +130,14 @@ def test_same_bank_for_actors_and_batch_sizes(setup, ray_session, tmp_path):
     a = build_bank(spec, ds, str(tmp_path / "a"), num_actors=1, progress=False)
     b = build_bank(BankSpec(**{**spec.__dict__, "batch_size": 3}), ds, str(tmp_path / "b"), num_actors=2, progress=False)
     assert a.path.rsplit("/", 1)[-1] == b.path.rsplit("/", 1)[-1]  # batch size is not part of the key
-    np.testing.assert_array_equal(a.stats.count, b.stats.count)
+    np.testing.assert_array_equal(a.count, b.count)
     for layer in spec.layers:
-        np.testing.assert_allclose(a.stats.sum[layer], b.stats.sum[layer], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(_sums(a, layer), _sums(b, layer), rtol=1e-6, atol=1e-6)
     fa = a.read_features("2")
     fb = b.read_features("2")
     assert fa.column("id").to_pylist() == fb.column("id").to_pylist()
-    np.testing.assert_allclose(fa.column("feature").combine_chunks().flatten().to_numpy(),
-                               fb.column("feature").combine_chunks().flatten().to_numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fa.column("feature").combine_chunks().flatten().to_numpy().astype(np.float32),
+                               fb.column("feature").combine_chunks().flatten().to_numpy().astype(np.float32), rtol=2e-3, atol=2e-3)
 
 
 def test_bad_files_are_skipped_and_listed(setup, ray_session, tmp_path):
@@ -118,21 +156,37 @@ def test_bad_files_are_skipped_and_listed(setup, ray_session, tmp_path):
     for good in ("gray.png", "rgba.png", "deep16.png"):
         assert good not in names
     usable = sum(1 for r in ds.train if r.path.rsplit("/", 1)[-1] not in ("zero.jpg", "text.jpg", "trunc.jpg"))
-    assert bank.stats.count.sum() == usable == 21 + 3
+    assert bank.count.sum() == usable == 21 + 3
 
 
-def test_parquet_reads_back_with_plain_pyarrow(setup, ray_session, tmp_path):
-    ds, _, spec = setup
+def test_kept_features_are_parquet_and_bounded_per_class(setup, ray_session, tmp_path):
+    """The first keep_per_class images of each class (by id) are kept, float16, as Parquet any pyarrow
+    reads; class_features gives them as float32 at one timestep; no other per-image row is written."""
+    ds, bb, spec = setup
+    spec = BankSpec(**{**spec.__dict__, "keep_per_class": 2})
     bank = build_bank(spec, ds, str(tmp_path), num_actors=1, progress=False)
     files = sorted((tmp_path / "banks").rglob("layer=0/*.parquet"))
-    assert files
+    assert len(files) == len(ds.classes)
     t = pq.read_table(files[0])
     assert set(t.column_names) >= {"id", "path", "label", "timestep", "layer", "feature"}
     arr = np.stack(t.column("feature").to_numpy(zero_copy_only=False))
-    assert arr.shape == (t.num_rows, 256) and arr.dtype == np.float32
+    assert arr.shape == (t.num_rows, 256) and arr.dtype == np.float16
     assert set(t.column("timestep").to_pylist()) <= set(spec.timesteps)
+    bad = {p for p, _ in bank.skipped}
+    for c in ds.classes:
+        first = sorted(r.id for r in ds.train if r.label == c.index and r.path not in bad)[:2]
+        rows = bank.read_features("0").filter(pq.pa.compute.equal(bank.read_features("0")["label"], c.index))
+        assert sorted(set(rows.column("id").to_pylist())) == first
+        f = bank.class_features("0", c.index)  # the least noisy timestep
+        assert f.shape == (2, 256) and str(f.dtype) == "torch.float32"
+        recs = sorted((r for r in ds.train if r.id in first), key=lambda r: r.id)
+        from dap_ray.data import load_image
+
+        ref = featurize(bb, spec, np.stack([load_image(r.path, 8) for r in recs]), np.array([r.label for r in recs]), [r.id for r in recs])
+        np.testing.assert_allclose(f.numpy(), ref["0"][:, spec.timesteps.index(min(spec.timesteps))], rtol=2e-3, atol=2e-3)
     assert bank.meta["images_per_second"] > 0
     assert 0 < bank.meta["first_batch_seconds"] <= bank.meta["build_seconds"]
+    assert not list((tmp_path / "banks").rglob("chunks/*.safetensors"))  # partials are gone once folded
 
 
 def test_cache_reuse_new_key_and_half_written(setup, ray_session, tmp_path):
@@ -148,26 +202,26 @@ def test_cache_reuse_new_key_and_half_written(setup, ray_session, tmp_path):
     os.remove(os.path.join(first.path, "_COMMIT"))
     assert load_bank(first.path, spec, ds.classes) is None
     rebuilt = build_bank(spec, ds, str(tmp_path), num_actors=1, progress=False)
-    np.testing.assert_array_equal(rebuilt.stats.count, first.stats.count)
-    for layer in spec.layers:
-        np.testing.assert_allclose(rebuilt.stats.sum[layer], first.stats.sum[layer], rtol=1e-9)
+    np.testing.assert_array_equal(rebuilt.count, first.count)
+    assert _stats_bytes(rebuilt) == _stats_bytes(first)
 
 
 def test_resume_after_partial_build(setup, ray_session, tmp_path, monkeypatch):
-    """Shards committed before a crash are reused; the rest is built; the result equals a clean build."""
+    """Classes committed before a crash are reused, and so are the chunk partials of the others; only
+    the rest is featurised; the result equals a clean build byte for byte."""
     import dap_ray.bank as bank_mod
 
     ds, _, spec = setup
+    spec = BankSpec(**{**spec.__dict__, "batch_size": 2})  # several chunks per class
     clean = build_bank(spec, ds, str(tmp_path / "clean"), num_actors=1, progress=False)
-    monkeypatch.setattr(bank_mod, "SHARD_IMAGES", 4)
     crash_dir = tmp_path / "crash"
     calls = {"n": 0}
     real_write = bank_mod.write_bytes
 
     def crashing_write(fs, path, data):
-        if path.endswith(".done.json"):
+        if "/classes/" in path:
             calls["n"] += 1
-            if calls["n"] == 3:
+            if calls["n"] == 2:
                 raise KeyboardInterrupt("simulated driver kill")
         return real_write(fs, path, data)
 
@@ -175,20 +229,21 @@ def test_resume_after_partial_build(setup, ray_session, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         build_bank(spec, ds, str(crash_dir), num_actors=1, progress=False)
     monkeypatch.setattr(bank_mod, "write_bytes", real_write)
-    markers = list(crash_dir.rglob("part-*.done.json"))
-    assert len(markers) == 2
-    done_before = {i for m in markers for i in json.loads(m.read_text())["ids"]}
+    assert len(list(crash_dir.rglob("classes/*.json"))) == 1
+    partials = list(crash_dir.rglob("chunks/*.safetensors"))
+    assert partials  # the second class's chunks were done when the driver died
     resumed = build_bank(spec, ds, str(crash_dir), num_actors=1, progress=False)
-    np.testing.assert_array_equal(resumed.stats.count, clean.stats.count)
-    for layer in spec.layers:
-        np.testing.assert_allclose(resumed.stats.sum[layer], clean.stats.sum[layer], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(resumed.count, clean.count)
+    assert _stats_bytes(resumed) == _stats_bytes(clean)
+    assert resumed.meta["images_featurised"] < clean.meta["images_featurised"] == len(ds.train)
+    first = json.loads(next(crash_dir.rglob("classes/*.json")).read_text())
+    done = {r.id for r in ds.train if r.label == 0}
+    assert first["count"] == clean.count[0] and resumed.meta["images_featurised"] <= len(ds.train) - len(done)
     ids = resumed.read_features("0").column("id").to_pylist()
     per_image = {}
     for i in ids:
         per_image[i] = per_image.get(i, 0) + 1
     assert set(per_image.values()) == {len(spec.timesteps)}  # no duplicated rows
-    skipped_ids = {r.id for r in ds.train if r.path in dict(resumed.skipped)}
-    assert done_before - skipped_ids < set(per_image)  # committed shards were kept, the rest was added
 
 
 def test_model_pipeline_restarts_a_killed_actor_and_redoes_its_batch(folder, ray_session, tmp_path):

@@ -74,7 +74,7 @@ def wide_bank(ray_session, tmp_path_factory):
     bb = load_backbone(model)
     bb.bind_classes(ds.classes)
     spec = BankSpec(model=model, model_fingerprint=model_fingerprint(model), layers=("0",), timesteps=tuple(schedule(bb, 4)),
-                    pooling="tokens", seed=0, resolution=bb.resolution, max_per_class=24, batch_size=128)
+                    pooling="tokens", seed=0, resolution=bb.resolution, keep_per_class=24, batch_size=128)
     return build_bank(spec, ds, str(root / "cache"), progress=False), bb
 
 

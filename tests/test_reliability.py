@@ -154,23 +154,22 @@ def bank_setup(tiny_dit_dir, cache_dir):
 @pytest.mark.integration
 def test_bank_actor_killed_mid_build(bank_setup, ray_session, tmp_path, monkeypatch):
     """A BankFeaturizer actor (Ray Data actor pool) is SIGKILLed mid-build: Ray restarts it, its
-    batches are redone, and the bank equals an undisturbed build (statistics and Parquet rows)."""
-    import dap_ray.bank as bank_mod
-    from dap_ray.bank import build_bank
+    chunks are redone, and the bank equals an undisturbed build byte for byte (statistics and kept rows)."""
+    from dap_ray.bank import BankSpec, build_bank
 
-    monkeypatch.setattr(bank_mod, "SHARD_IMAGES", 32)  # commit often, so progress is visible on disk
     ds, spec = bank_setup
+    spec = BankSpec(**{**spec.__dict__, "batch_size": 4})  # many chunks, so the kill lands mid-build
     clean = build_bank(spec, ds, str(tmp_path / "clean"), num_actors=1, progress=False)
     killed: dict = {}
 
     def killer():
-        # wait until the build has streamed some features (a committed shard), then kill the actor
-        if not _wait_for(lambda: list((tmp_path / "killed").rglob("part-*.done.json")), timeout=240):
+        # wait until the actor has written some partial sums (a chunk file), then kill it
+        if not _wait_for(lambda: list((tmp_path / "killed").rglob("chunks/*.safetensors")), timeout=240):
             return
         pids = _ray_worker_pids("BankFeaturizer")
         if not pids:
             return
-        killed["ids_before"] = sum(len(json.loads(m.read_text())["ids"]) for m in (tmp_path / "killed").rglob("part-*.done.json"))
+        killed["classes_before"] = len(list((tmp_path / "killed").rglob("classes/*.json")))
         os.kill(pids[0], signal.SIGKILL)
         killed["pid"] = pids[0]
 
@@ -179,13 +178,15 @@ def test_bank_actor_killed_mid_build(bank_setup, ray_session, tmp_path, monkeypa
     bank = build_bank(spec, ds, str(tmp_path / "killed"), num_actors=1, progress=False)
     th.join(timeout=30)
     assert "pid" in killed, "no BankFeaturizer actor was killed"
-    assert killed["ids_before"] < len(ds.train), "the kill came after the build had finished: nothing was tested"
+    assert killed["classes_before"] < len(ds.classes), "the kill came after the build had finished: nothing was tested"
     assert not psutil.pid_exists(killed["pid"]) or psutil.Process(killed["pid"]).status() == psutil.STATUS_ZOMBIE
-    np.testing.assert_array_equal(bank.stats.count, clean.stats.count)
-    assert int(bank.stats.count.sum()) == len(ds.train)
-    np.testing.assert_allclose(bank.stats.sum["1"], clean.stats.sum["1"], rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(bank.count, clean.count)
+    assert int(bank.count.sum()) == len(ds.train)
+    for c in ds.classes:
+        for kind in ("sum", "sum_sq"):
+            np.testing.assert_array_equal(bank.class_sums("1", c.index)[kind], clean.class_sums("1", c.index)[kind])
     a, b = clean.read_features("1"), bank.read_features("1")
-    assert a.column("id").to_pylist() == b.column("id").to_pylist()  # each (image, timestep) once, none lost
+    assert a.column("id").to_pylist() == b.column("id").to_pylist()  # each kept (image, timestep) once, none lost
     np.testing.assert_array_equal(a.column("feature").combine_chunks().flatten().to_numpy(),
                                   b.column("feature").combine_chunks().flatten().to_numpy())
 
@@ -379,7 +380,8 @@ RANGE_CASES = [
     (["sampler.batch_size=0"], "sampler.batch_size"),
     (["sampler.dtype=fp8"], "sampler.dtype"),
     (["bank.batch_size=0"], "bank.batch_size"),
-    (["bank.max_per_class=0"], "bank.max_per_class"),
+    (["bank.keep_per_class=-1"], "bank.keep_per_class"),
+    (["bank.max_per_class=100"], "bank.max_per_class"),  # renamed: the message names its successor
     (["eval.protocol=zero_shot"], "eval.protocol"),
     (["eval.seeds=[]"], "eval.seeds"),
     (["eval.resolution=4"], "eval.resolution"),

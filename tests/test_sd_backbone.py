@@ -285,13 +285,31 @@ def test_weights_missing_a_tensor_are_refused(sd_dir, tmp_path, component):
     dropped = sorted(tensors)[len(tensors) // 2]
     del tensors[dropped]
     save_file(tensors, weights, metadata={"format": "pt"})
-    with pytest.raises(UserError) as e:
-        load_backbone({"type": "sd", "path": str(d)})
-    msg = str(e.value)
-    assert "\n" not in msg, msg
-    assert msg.startswith(f"{d / component}: the {component} weights do not match its config.json (1 tensors missing"), msg
-    # transformers names the tensor without its model prefix ("text_model."), diffusers as stored
-    assert dropped.endswith(msg.rsplit("e.g. ", 1)[1].rstrip(")")), msg
+    for device in ("cpu", "meta"):  # meta: the driver's copy, checked from the safetensors headers alone
+        with pytest.raises(UserError) as e:
+            load_backbone({"type": "sd", "path": str(d)}, device)
+        msg = str(e.value)
+        assert "\n" not in msg, msg
+        assert msg.startswith(f"{d / component}: the {component} weights do not match its config.json (1 tensors missing"), msg
+        # transformers names the tensor without its model prefix ("text_model."), diffusers as stored
+        assert dropped.endswith(msg.rsplit("e.g. ", 1)[1].rstrip(")")), msg
+
+
+def test_meta_copy_has_the_layout_and_no_weights(sd, sd_dir, tmp_path):
+    """The driver's SD copy: every module on the meta device, the real copy's layout and schedule, the
+    prompts but no text-encoder forward; an fp16-variant-only directory builds too."""
+    meta = load_backbone({"type": "sd", "path": str(sd_dir)}, "meta")
+    meta.bind_classes(CLASSES)
+    for m in (meta.unet, meta.vae, meta.text_encoder):
+        assert all(p.device.type == "meta" for p in m.parameters())
+    assert meta.layer_names == sd.layer_names and meta.latent_shape == sd.latent_shape and meta.resolution == sd.resolution
+    assert torch.equal(meta.alphas_cumprod, sd.alphas_cumprod) and meta.prompts == sd.prompts and meta._cond is None
+    d = tmp_path / "sd_fp16_meta"
+    shutil.copytree(sd_dir, d)
+    for comp in ("unet", "vae", "text_encoder"):
+        for f in (d / comp).glob("*.safetensors"):
+            f.rename(f.with_name(f.name.replace(".safetensors", ".fp16.safetensors")))
+    assert load_backbone({"type": "sd", "path": str(d)}, "meta").layer_names == sd.layer_names
 
 
 def test_fp16_variant_only_dir_loads(sd_dir, tmp_path):

@@ -127,7 +127,7 @@ def test_axis_bins_continuous_values_and_keeps_discrete_ones():
 @pytest.mark.parametrize(
     ("key", "value"),
     [("method.gamma", 3.2145678901234), ("method.layer", "2"), ("method.t_stop", 0), ("model.path", "/tmp/a-b/c_d.x"),
-     ("dataset.classes", ["n01440764", "n02102040"]), ("sampler.cfg_scale", 1.0), ("bank.max_per_class", None),
+     ("dataset.classes", ["n01440764", "n02102040"]), ("sampler.cfg_scale", 1.0), ("bank.keep_per_class", 3),
      ("method.kernel", "rbf"), ("dataset.root", "s3://bucket/image,woof"), ("dataset.classes", ["0", "1"]), ("model.name", "true")],
 )
 def test_override_lines_round_trip_through_distill(key, value):

@@ -153,6 +153,66 @@ def _loader_errors_only(loader: Any) -> Iterator[None]:
             lib.set_verbosity(level)
 
 
+def weight_shapes(directory: Path, variant: str | None = None) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a component's safetensors weights, from the files' headers only (the
+    first 8 bytes give the header's length; no tensor data is read)."""
+    import struct
+
+    def ours(name: str) -> bool:  # the files diffusers would read: of this variant, or the plain ones
+        return name.endswith(f".{variant}.safetensors") if variant else name.count(".") == 1
+
+    names = sorted(p for p in directory.glob("*.safetensors") if ours(p.name))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in names:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < size <= path.stat().st_size - 8:
+                raise ValueError(f"{path.name} is not a whole safetensors file (header length {size})")
+            header = json.loads(f.read(size))
+        for name, info in header.items():
+            if name != "__metadata__":
+                shapes[name] = tuple(int(x) for x in info["shape"])
+    return shapes
+
+
+# diffusers' own renaming of pre-0.14 attention weights (it converts them when it loads)
+_LEGACY_ATTENTION = ((".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."), (".proj_attn.", ".to_out.0."))
+
+
+def load_structure(loader: Any, directory: Path, what: str, variant: str | None = None) -> Any:
+    """The component built from its config.json on the meta device: every module, shape and config
+    value, no weights read (the driver validates and plans with it; only the actors load weights).
+
+    The weights are still checked against the config, from the safetensors headers alone: a missing
+    tensor or a shape mismatch is the same one-line UserError that `load_checked` gives."""
+    check_safetensors(directory, what)
+    with _loader_errors_only(loader):
+        try:
+            if hasattr(loader, "load_config"):  # diffusers
+                config = loader.load_config(directory)
+                with torch.device("meta"):
+                    model = loader.from_config(config)
+            else:  # transformers
+                config = loader.config_class.from_pretrained(directory, local_files_only=True)
+                with torch.device("meta"):
+                    model = loader(config)
+            stored = weight_shapes(directory, variant)
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+            raise UserError(f"{directory}: could not load the {what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    for old, new in _LEGACY_ATTENTION:
+        stored.update({k.replace(old, new): v for k, v in list(stored.items()) if old in k and "attention" in k})
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(stored))
+    if missing:
+        raise UserError(f"{directory}: the {what} weights do not match its config.json ({len(missing)} tensors missing, e.g. {missing[0]})")
+    wrong = [k for k in sorted(expected) if stored[k] != expected[k] and stored[k] + (1, 1) != expected[k] and expected[k] + (1, 1) != stored[k]]
+    if wrong:
+        raise UserError(f"{directory}: could not load the {what}: {wrong[0]} has shape {list(stored[wrong[0]])} in the weights "
+                        f"but {list(expected[wrong[0]])} in config.json")
+    return model.eval().requires_grad_(False)
+
+
 def load_checked(loader: Any, directory: Path, what: str, **kwargs: Any) -> Any:
     """`loader.from_pretrained(directory)` from safetensors that refuses weights not matching the
     config: diffusers and transformers only warn about missing tensors and leave those layers random

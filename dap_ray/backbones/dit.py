@@ -15,7 +15,14 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
 from torch import nn
 
-from dap_ray.backbones.base import Backbone, load_checked, load_scheduler, read_json, resolve_model_dir
+from dap_ray.backbones.base import (
+    Backbone,
+    load_checked,
+    load_scheduler,
+    load_structure,
+    read_json,
+    resolve_model_dir,
+)
 from dap_ray.data.types import ClassInfo
 from dap_ray.errors import UserError
 
@@ -78,10 +85,11 @@ class DiTBackbone(Backbone):
         tdir = root / "transformer"
         if not tdir.is_dir() and (root / "config.json").is_file():
             tdir = root  # a bare transformer directory
-        transformer = load_checked(DiTTransformer2DModel, tdir, "DiT transformer")
+        load = load_structure if str(device) == "meta" else load_checked  # meta: the driver's copy, configs only
+        transformer = load(DiTTransformer2DModel, tdir, "DiT transformer")
         vae = None
         if (root / "vae").is_dir():
-            vae = load_checked(AutoencoderKL, root / "vae", "vae")
+            vae = load(AutoencoderKL, root / "vae", "vae")
             if vae.config.latent_channels != transformer.config.in_channels:
                 raise UserError(
                     f"{root}: vae has {vae.config.latent_channels} latent channels but the transformer expects "

@@ -26,7 +26,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import nn
 
-from dap_ray.backbones.base import Backbone, load_checked, load_scheduler, resolve_model_dir
+from dap_ray.backbones.base import Backbone, load_checked, load_scheduler, load_structure, resolve_model_dir
 from dap_ray.data.types import ClassInfo
 from dap_ray.errors import ConfigError, UserError
 
@@ -144,10 +144,15 @@ class SDBackbone(Backbone):
             )
         # load_checked refuses weight files that miss tensors of their config.json (the loaders would
         # otherwise leave those layers random or on the meta device)
-        unet = load_checked(UNet2DConditionModel, root / "unet", "unet", variant=_variant(root / "unet"))
-        vae = load_checked(AutoencoderKL, root / "vae", "vae", variant=_variant(root / "vae"))
-        text_encoder = load_checked(CLIPTextModel, root / "text_encoder", "text_encoder", variant=_variant(root / "text_encoder"),
-                                    local_files_only=True)
+        if str(device) == "meta":  # the driver's copy: configs only, weights checked from their headers
+            unet = load_structure(UNet2DConditionModel, root / "unet", "unet", _variant(root / "unet"))
+            vae = load_structure(AutoencoderKL, root / "vae", "vae", _variant(root / "vae"))
+            text_encoder = load_structure(CLIPTextModel, root / "text_encoder", "text_encoder", _variant(root / "text_encoder"))
+        else:
+            unet = load_checked(UNet2DConditionModel, root / "unet", "unet", variant=_variant(root / "unet"))
+            vae = load_checked(AutoencoderKL, root / "vae", "vae", variant=_variant(root / "vae"))
+            text_encoder = load_checked(CLIPTextModel, root / "text_encoder", "text_encoder", variant=_variant(root / "text_encoder"),
+                                        local_files_only=True)
         try:
             tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -174,6 +179,8 @@ class SDBackbone(Backbone):
         """One prompt per class from its human name; the empty prompt is the CFG null condition."""
         self.classes = list(classes)
         self.prompts = [self.prompt_template.format(name=c.name, key=c.key) for c in self.classes]
+        if self.device.type == "meta":  # the driver's copy plans only: no text-encoder forward there
+            return
         self._cond = self.encode_prompts(self.prompts) if self.prompts else None  # (C, L, D)
         self._uncond = self.encode_prompts([""])  # (1, L, D)
 

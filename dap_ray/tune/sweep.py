@@ -134,7 +134,7 @@ def run(cfg_raw: Any) -> int:
     full = resolve_dataset(ds.name, ds.root, OmegaConf.to_container(ds.classes) if OmegaConf.is_config(ds.classes) else ds.classes,
                            train_dir=ds.train_dir, test_dir=ds.test_dir, test_fraction=ds.test_fraction, seed=ds.split_seed,
                            cache_dir=expand(cfg.cache_dir))
-    backbone = load_backbone(OmegaConf.to_container(cfg.model, resolve=True), "cpu")
+    backbone = load_backbone(OmegaConf.to_container(cfg.model, resolve=True), "meta")  # configs only: no weights on the driver
     validate_against_backbone(cfg, backbone)
     backbone.bind_classes(full.classes)
     check_candidates(cfg, dims, backbone)

@@ -75,7 +75,7 @@ def build_banks(cfg: Any, dims: Sequence[Dim], backbone: Any, dataset: DatasetSp
     """Build (or reuse from the cache) every bank the space needs, once, on the driver.
 
     One bank covers every candidate layer and every DDIM timestep (so layer and t_stop sweeps share
-    it) and keeps per-image features (bank.max_per_class) for the RBF kernel; keys in BANK_KEYS take one
+    it) and keeps per-image features (bank.keep_per_class) for the RBF kernel; keys in BANK_KEYS take one
     bank per value combination.
     """
     from dap_ray.bank import build_bank, make_spec
