@@ -86,10 +86,24 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run_size(work: Path, model: Path, data: Path, steps: int, timeout: float) -> dict:
+def run_size(work: Path, model: Path, data: Path, steps: int, timeout: float, attempts: int = 8) -> dict:
+    """`run_once`, again (in a fresh directory) when Ray itself did not start: on a loaded shared
+    machine its raylet can miss Ray's fixed 30-s start-up window, which says nothing about dap_ray."""
+    for attempt in range(attempts):
+        try:
+            return run_once(work / f"try{attempt}", model, data, steps, timeout)
+        except RuntimeError as e:
+            if "timed out during startup" not in str(e) or attempt == attempts - 1:
+                raise
+            print(f"  Ray did not start (machine load); retrying ({attempt + 2}/{attempts})", flush=True)
+    raise AssertionError("unreachable")
+
+
+def run_once(work: Path, model: Path, data: Path, steps: int, timeout: float) -> dict:
     """One distill run (bank + DAP sampling) in a subprocess; returns its measurements."""
     import psutil
 
+    work.mkdir(parents=True, exist_ok=True)
     out, cache = work / "run", work / "cache"
     args = [f"model.path={model}", "model=dit_xl2_256", "model.resolution=32", "method.layer=1", "method.pooling=tokens",
             "dataset=imagefolder", f"dataset.root={data}", "dataset.test_fraction=0.25", "methods=[dap]", "stages=[bank,sample]",
@@ -177,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for n in args.classes:
             d = work / f"c{n}"
             make_folder(d / "data", wnids[:n], args.per_class)
-            print(f"[{SECTION}] {n} classes x {args.per_class} images: distill bank + dap ({d / 'log.txt'})", flush=True)
+            print(f"[{SECTION}] {n} classes x {args.per_class} images: distill bank + dap (log under {d})", flush=True)
             res[n] = run_size(d, model, d / "data", args.steps, args.timeout)
             print(f"  {json.dumps(res[n])}", flush=True)
     finally:

@@ -79,7 +79,9 @@ class BankSpec:
     seed: int
     resolution: int
     rff: dict | None = None  # {"num_features", "sigma", "seed"} when the RBF kernel is used
-    keep_per_class: int = 8  # per-image features kept per class (float16); the statistics always use every image
+    # per-image features kept per class (float16): the first keep_per_class records by id (an unreadable
+    # one among them is not replaced); the statistics always use every image
+    keep_per_class: int = 8
     batch_size: int = field(default=64, compare=False)
     dtype: str = "fp32"  # the backbone's precision (sampler.dtype, resolved): bf16 features differ from fp32 ones
 
@@ -487,16 +489,21 @@ class Bank:
         return out
 
     def class_features(self, layer: str, label: int, t: int | None = None) -> torch.Tensor:
-        """The kept real images' features of one class (the first `keep_per_class` by id):
-        (n_kept, D) float32 at timestep t (default: the least noisy bank timestep)."""
+        """The kept real images' features of one (class, layer, timestep), the first `keep_per_class`
+        by id: (n_kept, D) float32, rows in id order (t defaults to the least noisy bank timestep).
+        UserError when the bank keeps none for the class."""
         t = min(self.spec.timesteps) if t is None else int(t)
         if t not in self.spec.timesteps:
             raise ValueError(f"timestep {t} is not in the bank (it has {list(self.spec.timesteps)})")
-        if self.stats is not None:
-            raise ValueError("an in-memory bank keeps no per-image features")
         fs, root = fsspec.core.url_to_fs(self.path)
-        table = pq.read_table(features_path(root, layer, int(label)), filesystem=fs)
-        table = table.filter(pc.equal(table["timestep"], t)).sort_by("id")
+        path = features_path(root, layer, int(label))
+        table = None
+        if self.stats is None and fs.exists(path):
+            table = pq.read_table(path, filesystem=fs, columns=["id", "timestep", "feature"])
+            table = table.filter(pc.equal(table["timestep"], t)).sort_by("id")
+        if table is None or table.num_rows == 0:
+            raise UserError(f"the bank keeps no feature of class {self.classes[label].key!r} at layer {layer}, t={t} "
+                            f"(bank.keep_per_class={self.spec.keep_per_class})")
         flat = table.column("feature").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         return torch.from_numpy(flat.astype(np.float32).reshape(table.num_rows, self.dim(layer)))
 
