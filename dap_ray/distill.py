@@ -138,7 +138,7 @@ def prepare(cfg_raw: Any) -> tuple[Any, Any, Any]:
                               cache_dir=expand(cfg.cache_dir))
     # The driver's copy is built from the model's config files on the meta device: schedule, shapes,
     # layer names and class table, no weights read and no forward run here (a KubeRay head is sized for
-    # orchestration, not for holding the backbone); the bank, sampler and metric actors load the weights.
+    # orchestration, not for holding the backbone); the bank and sampler actors load the weights.
     backbone = load_backbone(OmegaConf.to_container(cfg.model, resolve=True), "meta")
     validate_against_backbone(cfg, backbone)
     backbone.bind_classes(dataset.classes)
