@@ -86,12 +86,12 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run_size(work: Path, model: Path, data: Path, steps: int, timeout: float, attempts: int = 8) -> dict:
+def run_size(work: Path, model: Path, data: Path, steps: int, timeout: float, sample: bool, attempts: int = 8) -> dict:
     """`run_once`, again (in a fresh directory) when Ray itself did not start: on a loaded shared
     machine its raylet can miss Ray's fixed 30-s start-up window, which says nothing about dap_ray."""
     for attempt in range(attempts):
         try:
-            return run_once(work / f"try{attempt}", model, data, steps, timeout)
+            return run_once(work / f"try{attempt}", model, data, steps, timeout, sample)
         except RuntimeError as e:
             if "timed out during startup" not in str(e) or attempt == attempts - 1:
                 raise
@@ -99,14 +99,14 @@ def run_size(work: Path, model: Path, data: Path, steps: int, timeout: float, at
     raise AssertionError("unreachable")
 
 
-def run_once(work: Path, model: Path, data: Path, steps: int, timeout: float) -> dict:
-    """One distill run (bank + DAP sampling) in a subprocess; returns its measurements."""
+def run_once(work: Path, model: Path, data: Path, steps: int, timeout: float, sample: bool) -> dict:
+    """One distill run (bank, then DAP sampling unless `sample` is false) in a subprocess; returns its measurements."""
     import psutil
 
     work.mkdir(parents=True, exist_ok=True)
     out, cache = work / "run", work / "cache"
     args = [f"model.path={model}", "model=dit_xl2_256", "model.resolution=32", "method.layer=1", "method.pooling=tokens",
-            "dataset=imagefolder", f"dataset.root={data}", "dataset.test_fraction=0.25", "methods=[dap]", "stages=[bank,sample]",
+            "dataset=imagefolder", f"dataset.root={data}", "dataset.test_fraction=0.25", "methods=[dap]", f"stages=[bank{',sample' if sample else ''}]",
             "ipc=1", f"sampler.steps={steps}", "runtime.address=local", "runtime.bank_actors=1", "runtime.sampler_actors=1",
             f"out_dir={out}", f"cache_dir={cache}"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -175,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--per-class", type=int, default=4, help="synthetic images per class (a quarter go to the test split)")
     p.add_argument("--steps", type=int, default=10, help="sampler.steps: the bank covers that many timesteps")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per distill run")
+    p.add_argument("--no-sample", dest="sample", action="store_false",
+                   help="stages=[bank] only (no sampler-actor figures): for a machine too loaded to sample 1,000 classes")
     args = p.parse_args(argv)
     if args.quick:
         args.classes, args.per_class, args.steps = [4, 8], 4, 4
@@ -192,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             d = work / f"c{n}"
             make_folder(d / "data", wnids[:n], args.per_class)
             print(f"[{SECTION}] {n} classes x {args.per_class} images: distill bank + dap (log under {d})", flush=True)
-            res[n] = run_size(d, model, d / "data", args.steps, args.timeout)
+            res[n] = run_size(d, model, d / "data", args.steps, args.timeout, args.sample)
             print(f"  {json.dumps(res[n])}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -224,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"- **Setup:** a random DiT saved by diffusers, 16 heads x 72 = 1152 wide, 1,000 classes + null, 2 blocks, 4x4x4 latents "
         f"(tiny VAE, 32-px images); `tokens` pooling at layer 1: D = {D}; {a['timesteps']} bank timesteps (sampler.steps={args.steps}). "
         f"ImageFolders of the first {small} and {big} ImageNet-1K wnids, {args.per_class} synthetic PNGs each. "
-        "One `python -m dap_ray.distill methods=[dap] stages=[bank,sample] ipc=1` per size (1 bank actor, 1 sampler actor). "
+        "One `python -m dap_ray.distill methods=[dap] stages=[{'bank,sample' if args.sample else 'bank'}] ipc=1` per size (1 bank actor, 1 sampler actor). "
         "Driver peak = its VmHWM at exit; actor peaks polled every 0.2 s (RSS, shared pages included).",
         f"- **Load average (1/5/15 min):** {' / '.join(f'{x:.1f}' for x in load_before)} before, "
         f"{' / '.join(f'{x:.1f}' for x in load_after)} after: a shared machine, so rates are indicative only.",
@@ -234,7 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"- Bank bytes grow {r_bytes:.2f}x for {big / small:.0f}x the classes (target: at most 12x) {verdict(r_bytes is not None and r_bytes <= 12)}",
         f"- Driver peak RSS grows {r_driver:.2f}x (target: at most 2x) {verdict(r_driver is not None and r_driver <= 2)}",
         f"- Sampler actor peak RSS {r_sampler:.2f}x: independent of the number of classes "
-        f"{verdict(r_sampler is not None and r_sampler <= 1.1)}" if r_sampler else "- Sampler actor RSS: not sampled",
+        f"{verdict(r_sampler is not None and r_sampler <= 1.1)}" if r_sampler else
+        "- Sampler actor RSS: not measured in this run (`--no-sample`: the machine was too loaded to sample 1,000 classes in time)",
         f"- `tokens` pooling at DiT-XL/2 width built the {big}-class bank ({b['bank_images']} images) without exhausting memory.",
     ])
     write_section(Path(args.out), SECTION, body)
