@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"- **Setup:** a random DiT saved by diffusers, 16 heads x 72 = 1152 wide, 1,000 classes + null, 2 blocks, 4x4x4 latents "
         f"(tiny VAE, 32-px images); `tokens` pooling at layer 1: D = {D}; {a['timesteps']} bank timesteps (sampler.steps={args.steps}). "
         f"ImageFolders of the first {small} and {big} ImageNet-1K wnids, {args.per_class} synthetic PNGs each. "
-        "One `python -m dap_ray.distill methods=[dap] stages=[{'bank,sample' if args.sample else 'bank'}] ipc=1` per size (1 bank actor, 1 sampler actor). "
+        f"One `python -m dap_ray.distill methods=[dap] stages=[{'bank,sample' if args.sample else 'bank'}] ipc=1` per size (1 bank actor, 1 sampler actor). "
         "Driver peak = its VmHWM at exit; actor peaks polled every 0.2 s (RSS, shared pages included).",
         f"- **Load average (1/5/15 min):** {' / '.join(f'{x:.1f}' for x in load_before)} before, "
         f"{' / '.join(f'{x:.1f}' for x in load_after)} after: a shared machine, so rates are indicative only.",
