@@ -143,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     repeats = args.repeats or (1 if quick else 7)
 
     info = machine_info()
+    from dap_ray.config import cfg_scale as resolved_cfg_scale
     from dap_ray.config import guidance_layer, to_structured
     from dap_ray.methods.dap import DAPGuidance
     from dap_ray.sampling import initial_noise, sample_latents, schedule
@@ -161,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     guidance = DAPGuidance(bank, layer, str(m.kernel), float(m.gamma), int(m.t_stop), str(m.pooling))
     ts = schedule(bb, steps)
     guided = sum(1 for t in ts if guidance.applies(t))
-    cfg_scale = float(cfg.sampler.cfg_scale)
+    cfg_scale = resolved_cfg_scale(cfg)  # sampler.cfg_scale null = the model's own
 
     label = int(args.label)
     noise = torch.stack([initial_noise(bb.latent_shape, "bench", i) for i in range(batch)])  # (B, C, h, w)

@@ -194,7 +194,7 @@ def load_structure(loader: Any, directory: Path, what: str, variant: str | None 
                 with torch.device("meta"):
                     model = loader.from_config(config)
             else:  # transformers
-                config = loader.config_class.from_pretrained(directory, local_files_only=True)
+                config = loader.config_class.from_json_file(Path(directory) / "config.json")  # JSON only, no weights
                 with torch.device("meta"):
                     model = loader(config)
             stored = weight_shapes(directory, variant)
