@@ -390,7 +390,11 @@ class TuneSettings:
     grace_period: int = 10  # epochs a trial runs before ASHA may stop it
     reduction_factor: int = 2  # ASHA keeps 1/reduction_factor of the trials at each rung
     ipc: int = 2  # images per class each trial samples (small: trials are many)
-    arch: str = "convnet"  # evaluation net of each trial (and of the final test)
+    # evaluation nets of each trial (and of the final test): every trial trains each on its distilled set,
+    # as parallel Ray tasks in the trial's placement group (one bundle per net), and reports each net's
+    # accuracy and their mean; the mean is what ASHA and the searcher compare (DAP claims accuracy that
+    # holds across architectures, so a knob is tuned on several, not on one ConvNet)
+    archs: list[str] = field(default_factory=lambda: ["convnet"])
     epochs: int = 60  # training epochs of each trial's evaluation net
     eval_every: int = 5  # report val_acc every k epochs (ASHA's rungs are in epochs)
     val_per_class: int = 20  # real training images per class held out for validation (never in the bank)
@@ -399,6 +403,8 @@ class TuneSettings:
     test_best: bool = True  # retrain the best config and evaluate it on the real test split at the end
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0  # fractions share a GPU between trials
+    cpus_per_net: float = 1.0  # with several tune.archs: the bundle of each net's training task
+    gpus_per_net: float | None = None  # with several tune.archs; null = tune.gpus_per_trial
     sampler_actors: int = 0  # 0 = sample inside the trial process; k > 0 = k sampler actors in the trial's placement group
     reuse_actors: bool = True  # keep trial workers alive between trials (saves the torch/diffusers import)
     storage_path: str | None = None  # local path or s3:// URI; null = <out_dir>/ray_results

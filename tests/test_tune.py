@@ -167,7 +167,39 @@ def test_cli_user_errors_exit_2_before_any_work(tiny_dit_dir, tmp_path, cache_di
     assert "tune.space.method.layer='7'" in err and "one of 0, 1, 2" in err
     assert main(base + ["tune.space.method.t_stop.values=[0,5000]"]) == 2
     assert "tune.space.method.t_stop=5000" in capsys.readouterr().err
+    assert main(base + ["tune.archs=[convnet,resnet99]"]) == 2
+    err = capsys.readouterr().err
+    assert "tune.archs='resnet99'" in err and "resnetap10" in err
+    assert main(base + ["tune.archs=[convnet,convnet]"]) == 2
+    assert "distinct net names" in capsys.readouterr().err
+    assert main(base + ["tune.arch=convnet"]) == 2  # the old single-net key: an unknown key that names the valid ones
+    assert "archs" in capsys.readouterr().err
     assert not (tmp_path / "run" / "ray_results").exists()
+
+
+@pytest.mark.integration
+def test_a_net_trained_in_its_actor_reports_what_it_reports_alone(ray_session):
+    """A multi-net trial trains each net in a NetTrainer actor: the checks it hands over are those of
+    the same training in-process (same seed, same bytes), one at a time, then None."""
+    import numpy as np
+    import ray
+    from sklearn.datasets import load_digits
+
+    from dap_ray.eval.run import train_config
+    from dap_ray.tune.trial import NetTrainer, train_reporting
+
+    d = load_digits()
+    img = np.repeat((d.images[:, :, :, None] * 255 / 16).astype(np.uint8), 3, axis=3)  # (N, 8, 8, 3)
+    x, y, xv, yv = img[:40], d.target[:40].astype(np.int64), img[100:160], d.target[100:160].astype(np.int64)
+    cfg = structured(["tune=quick"])
+    tc = train_config(cfg, 4, 10, "convnet").with_(epochs=4, eval_every=2, eval_after=0.0, num_classes=10)
+    alone: list[tuple[int, float]] = []
+    train_reporting(x, y, xv, yv, "convnet", tc, 3, "cpu", lambda e, a: alone.append((e, a)))
+    net = ray.remote(NetTrainer).options(num_cpus=0.25).remote(x, y, xv, yv, "convnet", tc, 3, 1, False)
+    got = [ray.get(net.next_check.remote(), timeout=120) for _ in range(len(alone) + 1)]
+    ray.kill(net)
+    assert [e for e, _ in alone] == [2, 4]
+    assert got == [*alone, None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,9 +213,11 @@ def test_quick_sweep_end_to_end(tiny_dit_dir, tmp_path, cache_dir, ray_session, 
 
     out = tmp_path / "sweep"
     t0 = time.time()
-    assert main(sweep_overrides(tiny_dit_dir, out, cache_dir)) == 0
+    # two nets per trial (each an actor in the trial's placement group): 0.5 + 2 x 0.25 CPU, two trials at once
+    nets = {"tune.archs": "[convnet,resnetap10]", "tune.cpus_per_trial": "0.5", "tune.cpus_per_net": "0.25"}
+    assert main(sweep_overrides(tiny_dit_dir, out, cache_dir, **nets)) == 0
     printed = capsys.readouterr().out
-    assert "test accuracy of the best configuration" in printed
+    assert "test accuracy of the best configuration" in printed and "mean over 2 nets: convnet" in printed
 
     # the results table: every trial, both formats, knobs as columns, several reports each
     df = pd.read_csv(out / "results.csv", dtype={"method.layer": str, "trial_id": str})
@@ -193,6 +227,9 @@ def test_quick_sweep_end_to_end(tiny_dit_dir, tmp_path, cache_dir, ray_session, 
     assert set(df["method.layer"]) <= {"1", "2"}
     assert set(df["status"]) <= {"completed", "stopped"}, df[["status", "error"]]
     assert df["val_acc_best"].between(0, 1).all() and (df["val_acc_best"] >= df["val_acc"]).all()
+    # each net's own column; the objective is their mean at each check, so its best is at most the mean of their bests
+    per_net = df[["val_acc_best/convnet", "val_acc_best/resnetap10"]]
+    assert per_net.notna().all().all() and (df["val_acc_best"] <= per_net.mean(axis=1) + 1e-9).all()
     assert (df["reports"] >= 2).all()  # intermediate results: every eval_every epochs, ASHA's grace is 2 reports
     assert (df.loc[df["status"] == "completed", "epochs"] == 6).all()
     assert list(df["val_acc_best"]) == sorted(df["val_acc_best"], reverse=True)
@@ -200,6 +237,7 @@ def test_quick_sweep_end_to_end(tiny_dit_dir, tmp_path, cache_dir, ray_session, 
         progress = pd.read_csv(out / "ray_results" / "sweep" / f"trial_{tid}" / "progress.csv")
         assert len(progress) == int(df.loc[df["trial_id"] == tid, "reports"].iloc[0]) >= 2
         assert list(progress["epoch"]) == list(range(2, 2 * len(progress) + 1, 2))
+        assert progress["val_acc"].to_numpy() == pytest.approx(progress[["val_acc/convnet", "val_acc/resnetap10"]].mean(axis=1).to_numpy())
 
     # the bank was built once on the driver, before any trial started, and never rebuilt
     sweep = json.loads((out / "sweep.json").read_text())
@@ -235,14 +273,19 @@ def test_quick_sweep_end_to_end(tiny_dit_dir, tmp_path, cache_dir, ray_session, 
     doc = OmegaConf.load(out / "best_config.yaml")
     assert doc.trial_id == best["trial_id"] and doc.val_acc_best == pytest.approx(best["val_acc_best"])
     assert len(doc.test.accs) == 1 and 0 <= doc.test.acc_mean <= 100 and doc.test.failed == 0
-    test_rows = list((out / "best_test" / best["trial_id"]).glob("dap__convnet__0__*.json"))
-    assert len(test_rows) == 1 and json.loads(test_rows[0].read_text())["n_train"] == 8
+    per_arch = doc.test.per_arch
+    assert doc.test.acc_mean == pytest.approx((per_arch.convnet.acc_mean + per_arch.resnetap10.acc_mean) / 2, abs=0.02)
+    for arch in ("convnet", "resnetap10"):
+        test_rows = list((out / "best_test" / best["trial_id"]).glob(f"dap__{arch}__0__*.json"))
+        assert len(test_rows) == 1 and json.loads(test_rows[0].read_text())["n_train"] == 8
 
     # running the same sweep again is refused (it would overwrite); resume is the way to continue it
-    assert main(sweep_overrides(tiny_dit_dir, out, cache_dir)) == 2
+    assert main(sweep_overrides(tiny_dit_dir, out, cache_dir, **nets)) == 2
     assert "tune.resume=true" in capsys.readouterr().err
-    # and resuming it with another budget or space is refused too: it would mix incomparable trials
-    assert main(sweep_overrides(tiny_dit_dir, out, cache_dir, **{"tune.resume": "true", "tune.epochs": "8"})) == 2
+    # and resuming it with another budget, space or nets is refused too: it would mix incomparable trials
+    assert main(sweep_overrides(tiny_dit_dir, out, cache_dir, **{**nets, "tune.resume": "true", "tune.epochs": "8"})) == 2
+    assert "started with other settings" in capsys.readouterr().err
+    assert main(sweep_overrides(tiny_dit_dir, out, cache_dir, **{"tune.resume": "true"})) == 2
     assert "started with other settings" in capsys.readouterr().err
     print(f"quick sweep: {time.time() - t0:.0f}s")
 

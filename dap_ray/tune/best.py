@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import fsspec
+import numpy as np
 from omegaconf import OmegaConf
 
 from dap_ray.cli import compose
@@ -130,11 +131,21 @@ def evaluate_best(cfg: Any, setup: SweepSetup, full: DatasetSplits, knobs: Mappi
     recs = distilled_records(f"{img_dir}/images", full.classes)
     ev = copy.deepcopy(best_cfg)
     ev.eval.protocol = "hard_label"
-    ev.eval.archs = [str(t.arch)]
+    archs = [str(a) for a in t.archs]
+    ev.eval.archs = archs
     ev.eval.seeds = [int(s) for s in t.test_seeds]
     ev.eval.epochs = int(t.epochs)
     rows = evaluate_sets(ev, full, {METHOD: recs}, f"{out_dir}/best_test/{trial_id}", cache_dir, progress=False)
-    cell = summarize(rows)[(METHOD, str(t.arch))]
-    return {"arch": str(t.arch), "seeds": list(ev.eval.seeds), "epochs": int(t.epochs), "ipc": int(best_cfg.ipc),
-            "acc_mean": round(cell["mean"], 2), "acc_std": round(cell["std"], 2), "accs": [round(a, 2) for a in cell["accs"]],
-            "failed": cell["failed"], "images": img_dir}
+    cells = summarize(rows)
+    per_arch = {a: {"acc_mean": round(cells[(METHOD, a)]["mean"], 2), "acc_std": round(cells[(METHOD, a)]["std"], 2),
+                    "accs": [round(x, 2) for x in cells[(METHOD, a)]["accs"]], "failed": cells[(METHOD, a)]["failed"]} for a in archs}
+    # the objective on the test split: per seed, the mean over the nets (a seed with a failed net is left out)
+    by_seed: dict[int, dict[str, float]] = {}
+    for r in rows:
+        if r.get("status") == "ok" and r.get("acc") is not None:
+            by_seed.setdefault(int(r["seed"]), {})[str(r["arch"])] = 100.0 * float(r["acc"])
+    accs = [float(np.mean([v[a] for a in archs])) for _, v in sorted(by_seed.items()) if set(v) == set(archs)]
+    return {"archs": archs, "seeds": list(ev.eval.seeds), "epochs": int(t.epochs), "ipc": int(best_cfg.ipc),
+            "acc_mean": round(float(np.mean(accs)), 2) if accs else None, "acc_std": round(float(np.std(accs)), 2) if accs else None,
+            "accs": [round(a, 2) for a in accs], "failed": sum(c["failed"] for c in per_arch.values()), "per_arch": per_arch,
+            "images": img_dir}

@@ -10,12 +10,13 @@ import fsspec
 import numpy as np
 
 from dap_ray.tune.space import Dim, plain
-from dap_ray.tune.trial import METRIC, TIME_ATTR
+from dap_ray.tune.trial import METRIC, TIME_ATTR, net_metric
 
 
-def results_table(grid: Any, dims: Sequence[Dim], epochs: int):
-    """One row per trial: knobs, last and best val_acc, epochs reached, reports, status (completed /
-    stopped by ASHA / error), sorted best first."""
+def results_table(grid: Any, dims: Sequence[Dim], epochs: int, archs: Sequence[str]):
+    """One row per trial: knobs, last and best val_acc (the mean over the nets), each net's best
+    (val_acc_best/<arch>), epochs reached, reports, status (completed / stopped by ASHA / error),
+    sorted best first."""
     import pandas as pd
 
     rows = []
@@ -30,7 +31,11 @@ def results_table(grid: Any, dims: Sequence[Dim], epochs: int):
         for d in dims:
             v = plain(r.config.get(d.key))
             row[d.key] = str(v) if d.key == "method.layer" else v
-        row.update({METRIC: float(m.get(METRIC, math.nan)), "val_acc_best": best, "epochs": epoch, "reports": reports, "status": status,
+        row.update({METRIC: float(m.get(METRIC, math.nan)), "val_acc_best": best})
+        for a in archs:  # each net's best check (the mean's best check may be another epoch)
+            col = net_metric(a)
+            row[f"val_acc_best/{a}"] = float(hist[col].max()) if reports and col in hist.columns else math.nan
+        row.update({"epochs": epoch, "reports": reports, "status": status,
                     "seconds": round(float(m.get("time_total_s", math.nan)), 1),
                     "error": "" if r.error is None else f"{type(r.error).__name__}: {str(r.error).splitlines()[0] if str(r.error) else ''}"[:300]})
         rows.append(row)
@@ -147,10 +152,15 @@ def plot_by_knob(df: Any, dim: Dim, path: str) -> None:
         x = ok[dim.key].astype(float).to_numpy()
         if dim.log:
             ax.set_xscale("log")
-    for st, color, label in (("completed", "C0", "trial (all epochs)"), ("stopped", "C1", "trial stopped early by ASHA")):
+    nets = [c.split("/", 1)[1] for c in ok.columns if c.startswith("val_acc_best/")]
+    what = "mean over nets" if len(nets) > 1 else "trial"
+    for st, color, label in (("completed", "C0", f"{what} (all epochs)"), ("stopped", "C1", f"{what}, stopped early by ASHA")):
         m = status == st
         if m.any():
             ax.scatter(x[m], acc[m], alpha=0.8, color=color, label=label)
+    if len(nets) > 1:  # each net's own best beside the mean: a knob that helps one net only shows here
+        for i, net in enumerate(nets):
+            ax.scatter(x, 100.0 * ok[f"val_acc_best/{net}"].astype(float).to_numpy(), marker="_", s=80, color=f"C{i + 2}", label=net)
     ax.set_xlabel(dim.key)
     ax.set_ylabel("best val acc (%)")
     ax.set_title(f"validation accuracy by {dim.key.split('.')[-1]}")

@@ -158,7 +158,10 @@ def validate_tune(cfg: Any) -> list[Dim]:
     check(t.num_samples >= 1, "num_samples", t.num_samples, "an integer >= 1")
     check(t.max_concurrent >= 0, "max_concurrent", t.max_concurrent, "an integer >= 0 (0 = as many as resources allow)")
     check(t.ipc >= 1, "ipc", t.ipc, "an integer >= 1")
-    check(t.arch in NETS, "arch", t.arch, f"one of {', '.join(NETS)}")
+    archs = [str(a) for a in t.archs]
+    check(len(archs) >= 1 and len(set(archs)) == len(archs), "archs", archs, "a non-empty list of distinct net names")
+    for a in archs:
+        check(a in NETS, "archs", a, f"one of {', '.join(NETS)}")
     check(t.epochs >= 1, "epochs", t.epochs, "an integer >= 1")
     check(1 <= t.eval_every <= t.epochs, "eval_every", t.eval_every, f"an integer in [1, tune.epochs={t.epochs}]")
     check(1 <= t.grace_period <= t.epochs, "grace_period", t.grace_period, f"an integer in [1, tune.epochs={t.epochs}]")
@@ -167,6 +170,8 @@ def validate_tune(cfg: Any) -> list[Dim]:
     check(len(t.test_seeds) >= 1, "test_seeds", list(t.test_seeds), "a non-empty list of integers")
     check(t.cpus_per_trial > 0, "cpus_per_trial", t.cpus_per_trial, "a number > 0")
     check(t.gpus_per_trial >= 0, "gpus_per_trial", t.gpus_per_trial, "a number >= 0 (fractions share a GPU)")
+    check(t.cpus_per_net > 0, "cpus_per_net", t.cpus_per_net, "a number > 0")
+    check(t.gpus_per_net is None or t.gpus_per_net >= 0, "gpus_per_net", t.gpus_per_net, "null (tune.gpus_per_trial) or a number >= 0")
     check(t.sampler_actors >= 0, "sampler_actors", t.sampler_actors, "an integer >= 0 (0 = sample inside the trial)")
     check(t.max_failures >= 0, "max_failures", t.max_failures, "an integer >= 0")
     check(bool(t.name) and "/" not in t.name, "name", t.name, "a non-empty folder name without '/'")

@@ -60,7 +60,7 @@ def sweep_fingerprint(cfg: Any, dims: Sequence[Dim]) -> str:
     t = cfg.tune
     keep = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "dataset", "method", "sampler", "bank")}
     keep["tune"] = {k: OmegaConf.to_container(t, resolve=True)[k] for k in
-                    ("searcher", "num_samples", "scheduler", "grace_period", "reduction_factor", "ipc", "arch", "epochs", "eval_every",
+                    ("searcher", "num_samples", "scheduler", "grace_period", "reduction_factor", "ipc", "archs", "epochs", "eval_every",
                      "val_per_class", "val_seed")}
     keep["space"] = [(d.key, d.type, d.low, d.high, d.q, list(d.values)) for d in dims]
     keep["eval"] = {"recipe": cfg.eval.recipe, "resolution": cfg.eval.resolution}
@@ -76,10 +76,14 @@ def make_tuner(cfg: Any, dims: Sequence[Dim], setup: SweepSetup, storage: str, r
 
     t = cfg.tune
     trainable = tune.with_parameters(run_trial, setup=setup)
-    if t.sampler_actors > 0:  # the trial's own bundle + one per sampler actor (child actors are captured)
+    nets = len(t.archs)
+    if t.sampler_actors > 0 or nets > 1:  # the trial's own bundle + one per sampler actor and per net (child actors are captured)
         r = cfg.runtime
         bundles = [{"CPU": float(t.cpus_per_trial), "GPU": float(t.gpus_per_trial)}]
         bundles += [{"CPU": float(r.cpus_per_actor), "GPU": float(r.gpus_per_actor)}] * int(t.sampler_actors)
+        if nets > 1:
+            gpus = float(t.gpus_per_trial if t.gpus_per_net is None else t.gpus_per_net)
+            bundles += [{"CPU": float(t.cpus_per_net), "GPU": gpus}] * nets
         resources: Any = tune.PlacementGroupFactory(bundles)
     else:
         resources = {"cpu": float(t.cpus_per_trial), "gpu": float(t.gpus_per_trial)}
@@ -187,7 +191,7 @@ def run(cfg_raw: Any) -> int:
     grid = tuner.fit()
     sweep_s = time.time() - t0
 
-    df = results_table(grid, dims, int(t.epochs))
+    df = results_table(grid, dims, int(t.epochs), [str(a) for a in t.archs])
     write_table(df, out_dir)
     plots = write_plots(df, dims, out_dir)
     good = df[(df["status"] != "error") & df["val_acc_best"].notna()] if len(df) else df
@@ -203,12 +207,15 @@ def run(cfg_raw: Any) -> int:
     if t.test_best:
         test = evaluate_best(cfg, setup, full, knobs, str(best["trial_id"]), out_dir, expand(cfg.cache_dir))
     lines = write_best(cfg, best, dims, out_dir, test)
-    cols = ["trial_id"] + [d.key for d in dims] + ["val_acc_best", "epochs", "status"]
+    cols = ["trial_id"] + [d.key for d in dims] + ["val_acc_best"] + ([f"val_acc_best/{a}" for a in t.archs] if len(t.archs) > 1 else []) \
+        + ["epochs", "status"]
     print(df[cols].head(10).to_string(index=False))
     print(f"\nbest (val acc {100 * float(best['val_acc_best']):.1f}%): {' '.join(f'{k}={v}' for k, v in knobs.items())}")
     if test is not None:
-        print(f"test accuracy of the best configuration ({test['arch']}, IPC {test['ipc']}, {len(test['seeds'])} seed(s)): "
-              f"{test['acc_mean']:.1f} ± {test['acc_std']:.1f}%")
+        nets = ", ".join(f"{a} {c['acc_mean']:.1f} ± {c['acc_std']:.1f}" for a, c in test["per_arch"].items())
+        mean = "failed" if test["acc_mean"] is None else f"{test['acc_mean']:.1f} ± {test['acc_std']:.1f}%"
+        print(f"test accuracy of the best configuration (IPC {test['ipc']}, {len(test['seeds'])} seed(s)): {mean}"
+              + (f" (mean over {len(test['per_arch'])} nets: {nets})" if len(test["per_arch"]) > 1 else f" ({nets.split()[0]})"))
     print(f"table: {out_dir}/results.csv; plots: {', '.join(plots)}")
     where = f"{out_dir}/best_overrides.txt" if "://" not in out_dir else "best_overrides.txt (copy it from out_dir first)"
     print(f"distill with it: python -m dap_ray.distill $(cat {where})  ({len(lines)} overrides)")

@@ -1,7 +1,8 @@
 """One trial of a sweep, and what the trials share: the validation split, the banks, the setup.
 
-Each trial samples a small distilled set with its knobs through DAP's own sampler code, trains the
-evaluation net on it and reports validation accuracy every few epochs (ASHA compares them).
+Each trial samples a small distilled set with its knobs through DAP's own sampler code, trains each
+evaluation net of tune.archs on it and reports every few epochs each net's validation accuracy and
+their mean (the mean is what ASHA and the searcher compare).
 """
 
 from __future__ import annotations
@@ -155,18 +156,77 @@ def write_json(fs, path: str, obj: Any) -> None:
     fs.pipe_file(path, json.dumps(obj, indent=1, default=str).encode())
 
 
-def run_trial(config: dict, setup: SweepSetup) -> None:
-    """One trial: sample a small set with this trial's knobs, train on it, report val_acc every few epochs.
+def net_metric(arch: str) -> str:
+    """The report key of one net's validation accuracy (its column in results.csv is val_acc_best/<arch>)."""
+    return f"{METRIC}/{arch}"
 
+
+def train_reporting(images: np.ndarray, labels: np.ndarray, val_images: np.ndarray, val_labels: np.ndarray, arch: str, tc: Any,
+                    seed: int, device: str, report: Any) -> None:
+    """Train one evaluation net on uint8 images (N, R, R, 3), calling report(epoch, acc) at each check."""
+    import torch
+
+    from dap_ray.eval.run import to_float
+    from dap_ray.eval.train import train_hard_label
+
+    x = to_float(np.array(images))  # (N, 3, R, R) in [0, 1]; a copy: object-store arrays are read-only
+    x_val = to_float(np.array(val_images))  # (V, 3, R, R)
+    y, y_val = torch.from_numpy(np.array(labels)).long(), torch.from_numpy(np.array(val_labels)).long()
+    train_hard_label(x, y, x_val, y_val, arch, tc, seed=seed, device=device, report=report)
+
+
+class NetTrainer:
+    """One net of a multi-net trial, in its own actor (a bundle of the trial's placement group).
+
+    The net trains in a thread of the actor and hands each check over a one-slot queue, so it is never
+    more than one check ahead of the trial that asks for them: when ASHA stops the trial between
+    checks, the trial kills this actor and the net's remaining epochs are not spent."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, val_images: np.ndarray, val_labels: np.ndarray, arch: str, tc: Any,
+                 seed: int, threads: int, use_gpu: bool):
+        import queue
+        import threading
+
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.checks: queue.Queue = queue.Queue(maxsize=1)
+
+        def work() -> None:
+            try:
+                train_reporting(images, labels, val_images, val_labels, arch, tc, seed, device,
+                                lambda e, a: self.checks.put((int(e), float(a))))
+            except BaseException as e:  # noqa: BLE001 - raised again by next_check, in the trial
+                self.checks.put(e)
+                return
+            self.checks.put(None)
+
+        threading.Thread(target=work, daemon=True, name=f"train-{arch}").start()
+
+    def next_check(self) -> tuple[int, float] | None:
+        """(epoch, val acc) of the next check; None once the net has trained all its epochs."""
+        item = self.checks.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+def run_trial(config: dict, setup: SweepSetup) -> None:
+    """One trial: sample a small set with this trial's knobs, train each of tune.archs on it, report
+    every few epochs each net's val_acc and their mean (METRIC, what ASHA compares).
+
+    One net trains in the trial's own process; several train in parallel as Ray tasks, one per
+    bundle of the trial's placement group (`make_tuner`), each with the same seed and bytes as alone.
     Idempotent: `done.json` in the trial's folder holds a finished trial's history; a trial Tune runs
     again (its driver was killed before Tune recorded the finish) replays those reports instead of
     sampling and training again. `attempt-<k>.json` records each attempt that did the work.
     """
+    import ray
     import torch
     from ray import tune
 
-    from dap_ray.eval.run import to_float, train_config
-    from dap_ray.eval.train import train_hard_label
+    from dap_ray.eval.run import train_config
 
     trial_id = tune.get_context().get_trial_id()
     knobs = {k: plain(config[k]) for k in setup.keys}
@@ -176,41 +236,60 @@ def run_trial(config: dict, setup: SweepSetup) -> None:
     done = read_json(fs, f"{tp}/done.json")
     if done is not None and done.get("knobs") == json.loads(json.dumps(knobs)):
         best = -1.0
-        for epoch, acc in done["history"]:
+        for epoch, acc, per_net in done["history"]:
             best = max(best, acc)
-            tune.report({METRIC: acc, "val_acc_best": best, TIME_ATTR: epoch, "replayed": True})
+            tune.report({METRIC: acc, "val_acc_best": best, TIME_ATTR: epoch, **{net_metric(a): v for a, v in per_net.items()},
+                         "replayed": True})
         return
     attempt = len(fs.glob(f"{tp}/attempt-*.json"))
     write_json(fs, f"{tp}/attempt-{attempt}.json", {"knobs": knobs, "started": time.time()})
 
     cfg = trial_config(setup, knobs)
     t = cfg.tune
+    archs = [str(a) for a in t.archs]
     torch.set_num_threads(max(1, int(t.cpus_per_trial)))
-    device = "cuda" if t.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
     t0 = time.time()
     img_dir = sample_set(cfg, setup.dataset, trial_bank(setup, knobs), tdir, setup.sampler_actors)
     sample_s = time.time() - t0
     recs = distilled_records(f"{img_dir}/images", setup.dataset.classes)
-    res = int(cfg.eval.resolution)
-    imgs, ok = load_images([r.path for r in recs], res)
-    x = to_float(imgs)  # (N, 3, R, R) in [0, 1]
-    y = torch.tensor([recs[i].label for i in ok], dtype=torch.long)  # (N,)
-    x_val = to_float(np.array(setup.val_images))  # (V, 3, R, R); a copy: object-store arrays are read-only
-    y_val = torch.from_numpy(np.array(setup.val_labels)).long()  # (V,)
+    imgs, ok = load_images([r.path for r in recs], int(cfg.eval.resolution))  # uint8 (N, R, R, 3)
+    labels = np.asarray([recs[i].label for i in ok], np.int64)  # (N,)
     nclass = len(setup.dataset.classes)
-    tc = train_config(cfg, int(cfg.ipc), nclass, t.arch).with_(epochs=int(t.epochs), eval_every=int(t.eval_every), eval_after=0.0,
-                                                               num_classes=nclass)
-    history: list[list] = []
+    tcs = {a: train_config(cfg, int(cfg.ipc), nclass, a).with_(epochs=int(t.epochs), eval_every=int(t.eval_every), eval_after=0.0,
+                                                               num_classes=nclass) for a in archs}
+    history: list[list] = []  # [epoch, mean acc, {arch: acc}] per check
 
-    def report(epoch: int, acc: float) -> None:
-        history.append([int(epoch), float(acc)])
-        best = max(a for _, a in history)
-        if epoch >= tc.epochs:  # before the last report: Tune may end the trial inside tune.report (max_t)
-            write_json(fs, f"{tp}/done.json", {"knobs": knobs, "history": history, "val_acc_best": best, "sample_seconds": sample_s,
-                                                "train_seconds": time.time() - t0 - sample_s})
-        tune.report({METRIC: acc, "val_acc_best": best, TIME_ATTR: epoch, "sample_seconds": sample_s})
+    def report(epoch: int, accs: dict[str, float]) -> None:
+        mean = float(np.mean([accs[a] for a in archs]))
+        history.append([int(epoch), mean, dict(accs)])
+        best = max(h[1] for h in history)
+        if epoch >= int(t.epochs):  # before the last report: Tune may end the trial inside tune.report (max_t)
+            write_json(fs, f"{tp}/done.json", {"knobs": knobs, "archs": archs, "history": history, "val_acc_best": best,
+                                                "sample_seconds": sample_s, "train_seconds": time.time() - t0 - sample_s})
+        tune.report({METRIC: mean, "val_acc_best": best, TIME_ATTR: epoch, **{net_metric(a): accs[a] for a in archs},
+                     "sample_seconds": sample_s})
 
-    train_hard_label(x, y, x_val, y_val, t.arch, tc, seed=int(cfg.seed), device=device, report=report)
+    if len(archs) == 1:
+        device = "cuda" if t.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
+        train_reporting(imgs, labels, setup.val_images, setup.val_labels, archs[0], tcs[archs[0]], int(cfg.seed), device,
+                        lambda e, a: report(e, {archs[0]: a}))
+        return
+    gpus = float(t.gpus_per_trial if t.gpus_per_net is None else t.gpus_per_net)
+    actor = ray.remote(NetTrainer).options(num_cpus=float(t.cpus_per_net), num_gpus=gpus, max_restarts=0)
+    data = [ray.put(a) for a in (imgs, labels, setup.val_images, setup.val_labels)]  # one copy in the store for every net
+    nets = [actor.remote(*data, a, tcs[a], int(cfg.seed), int(max(1.0, float(t.cpus_per_net))), gpus > 0) for a in archs]
+    try:
+        while True:
+            checks = dict(zip(archs, ray.get([n.next_check.remote() for n in nets])))  # raises a net's own error
+            if all(c is None for c in checks.values()):
+                return
+            epochs = {c[0] if c is not None else None for c in checks.values()}
+            if len(epochs) != 1:  # every net checks at the same epochs (tcs): anything else is a bug, not a result
+                raise RuntimeError(f"the nets of trial {trial_id} reported different checks: {checks}")
+            report(epochs.pop(), {a: c[1] for a, c in checks.items()})
+    finally:
+        for n in nets:
+            ray.kill(n)  # finished, stopped by ASHA, or a net failed: no net trains on
 
 
 def trial_dirname(trial: Any) -> str:
