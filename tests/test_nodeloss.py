@@ -6,15 +6,24 @@ The planning function is pure and tested on made-up clusters; the cluster tests 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 
 from dap_ray.data.types import ClassInfo
 from dap_ray.errors import UserError
 from dap_ray.runtime import plan_pool
 from dap_ray.sampling import SamplerJob, SamplerPool, existing_indices, work_items
+from tests.conftest import small_overrides
 
 CLASSES = tuple(ClassInfo(i, str(i), str(i)) for i in range(10))
 
@@ -154,3 +163,142 @@ def test_pool_waiting_for_capacity_says_what_and_gives_up(tiny_dit_dir, ray_sess
     assert said and "CPU=1" in said[0] and "free now: CPU=0" in said[0], said
     assert not (tmp_path / "none" / "images").exists() or not list((tmp_path / "none").rglob("*.png"))
 
+
+# ---------------------------------------------------------------------------------------------
+# a real multi-node cluster on this machine: a head and two worker raylets of 1 CPU each
+# ---------------------------------------------------------------------------------------------
+
+# The smallest reduced default that still has every stage on Ray: 3 digit classes, IPC 2, DAP (bank +
+# guided sampling), 3 evaluation trainings. Bank batches of 16 give each bank actor several batches.
+NODE_LOSS_RUN = {"dataset.classes": "[0,1,2]", "methods": "[dap]", "eval.seeds": "[0,1,2]", "bank.batch_size": "16"}
+RUN_BOUND_S = 900  # a run that loses nodes finishes by itself within this (a hang fails the test)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """`ray.cluster_utils.Cluster`: a head (where the run's driver attaches) and two 1-CPU worker raylets.
+    One for the module: tests that remove nodes add new ones (`_top_up`)."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    _top_up(c)
+    yield c
+    c.shutdown()
+
+
+def _top_up(c, workers: int = 2) -> None:
+    while len(c.worker_nodes) < workers:
+        c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+
+
+def _titles(node) -> list[str]:
+    """The `ray::<Class>.<method>` / `ray::<task>` titles of the worker processes a node's raylet started:
+    which actors live there and what they run now (a node's processes all descend from its raylet)."""
+    try:
+        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+        kids = raylet.children(recursive=True)
+    except (psutil.NoSuchProcess, KeyError, IndexError):
+        return []
+    out = []
+    for p in kids:
+        try:
+            title = " ".join(p.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if title.startswith("ray::"):
+            out.append(title)
+    return out
+
+
+def _distill(c, model_dir: Path, work: Path) -> tuple[subprocess.Popen, Path]:
+    """The reduced default run, attached to the cluster through RAY_ADDRESS as to any cluster; its
+    output goes to a file (a pipe nobody reads while the test watches the nodes would fill up)."""
+    args = small_overrides(model_dir, work / "run", work / "cache", **NODE_LOSS_RUN)
+    env = {**os.environ, "RAY_ADDRESS": c.address, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HOME": str(work)}
+    log_path = work / "distill.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "dap_ray.distill", *args], cwd=work, env=env, stdout=log_file,
+                                stderr=subprocess.STDOUT, text=True)
+    return proc, log_path
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.png"))}
+
+
+def _accuracies(run: Path) -> dict[tuple, float]:
+    rows = json.loads((run / "results.json").read_text())["rows"]
+    assert all(r["status"] == "ok" for r in rows), rows
+    keys = [(r["method"], r["arch"], r["seed"]) for r in rows]
+    assert len(keys) == len(set(keys)), keys  # one row per training: a retried one is not counted twice
+    return {k: r["acc"] for k, r in zip(keys, rows)}
+
+
+@pytest.fixture(scope="module")
+def undisturbed_cluster_run(cluster, tiny_dit_dir, tmp_path_factory):
+    """The reduced run on the whole cluster, nobody touching it: the bytes and accuracies to match."""
+    work = tmp_path_factory.mktemp("undisturbed")
+    t0 = time.monotonic()
+    proc, log_path = _distill(cluster, tiny_dit_dir, work)
+    proc.wait(timeout=RUN_BOUND_S)
+    assert proc.returncode == 0, log_path.read_text()[-4000:]
+    print(f"undisturbed run on the 3-node cluster: {time.monotonic() - t0:.0f}s")
+    return work / "run"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(2 * RUN_BOUND_S)
+def test_run_finishes_through_node_loss_in_bank_sampling_and_evaluation(cluster, undisturbed_cluster_run, tiny_dit_dir, tmp_path):
+    """One run, three nodes lost (`Cluster.remove_node`, no grace: its raylet and every process on it
+    killed), each while it does that stage's work: a bank actor featurising a batch, a sampler actor
+    rendering an item, an evaluation training. A node added after the first loss is used by the stages
+    that start after it joined. The run finishes by itself within the bound, with the undisturbed
+    run's bytes and accuracies."""
+    c = cluster
+    _top_up(c)
+    # (stage, what must run on the node when it is removed)
+    plan = [("bank", ("BankFeaturizer", ".submit")), ("sampling", ("SamplerWorker.render_for",)), ("evaluation", ("_train_one",))]
+    removed: list[dict] = []
+    seen: dict[str, set[str]] = {}  # node id -> titles seen on it
+    added: dict[str, float] = {}  # node id -> when it had joined
+    sampling_started: float | None = None
+
+    t0 = time.monotonic()
+    proc, log_path = _distill(c, tiny_dit_dir, tmp_path)
+    try:
+        # Watched from the main thread: Cluster.add_node installs signal handlers, which only it may do.
+        while proc.poll() is None and time.monotonic() - t0 < RUN_BOUND_S:
+            nodes = sorted(c.worker_nodes, key=lambda n: n.node_id not in added)  # the added node first
+            titles = {n.node_id: _titles(n) for n in [*nodes, c.head_node]}
+            for node_id, ts in titles.items():
+                seen.setdefault(node_id, set()).update(t.split()[0] for t in ts)
+            if sampling_started is None and any("SamplerWorker" in t for ts in titles.values() for t in ts):
+                sampling_started = time.monotonic()
+            if len(removed) < len(plan):
+                stage, needles = plan[len(removed)]
+                node = next((n for n in nodes if any(all(s in t for s in needles) for t in titles[n.node_id])), None)
+                if node is not None:
+                    c.remove_node(node, allow_graceful=False)
+                    removed.append({"stage": stage, "node": node.node_id[:8], "at_s": round(time.monotonic() - t0, 1)})
+                    if stage == "bank":  # a node joins mid-run: the stages that start later must use it
+                        new = c.add_node(num_cpus=1)  # returns once the node is registered
+                        added[new.node_id] = time.monotonic()
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    wall = time.monotonic() - t0
+    out = log_path.read_text()
+    print(f"node-loss run: {wall:.0f}s; removed: {removed}; added: {[k[:8] for k in added]}")
+    assert proc.returncode == 0, out[-4000:]
+    assert [r["stage"] for r in removed] == [s for s, _ in plan], (removed, out[-3000:])
+    (new_id, joined), = added.items()
+    assert sampling_started is not None and joined < sampling_started, "the added node joined after sampling had started"
+    assert "SamplerWorker" in " ".join(seen.get(new_id, ())), ("the node added mid-bank ran no sampler actor", seen)
+    assert "a sampler actor was lost" in out
+    run = tmp_path / "run"
+    assert _digest(run / "dap" / "images") == _digest(undisturbed_cluster_run / "dap" / "images")
+    assert len(_digest(run / "dap" / "images")) == 3 * 2
+    assert _accuracies(run) == _accuracies(undisturbed_cluster_run)
+    assert len(list((run / "eval").glob("*.json"))) == 3  # each training's result written once
