@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +92,67 @@ def small_overrides(model_dir: Path, out_dir: Path, cache: Path, **extra: str) -
     }
     ov.update(extra)
     return [f"{k}={v}" for k, v in ov.items()]
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference run: one undisturbed reduced distill in a subprocess (private local Ray), for the
+# tests that disturb the same run (a SIGKILLed driver, lost nodes) and compare with it byte for byte
+# ---------------------------------------------------------------------------------------------
+
+FAKE_KEY_ID = "AKIAFAKEKEYID7Q3ZP5W"
+FAKE_SECRET = "fAkE/SeCrEt+9d1c0ffee0ddba11-not-a-real-key"
+
+
+def reference_overrides(model_dir: Path, out: Path, cache: Path) -> list[str]:
+    """The reference run's overrides. The knobs that decide the images are pinned: the reference and
+    the disturbed runs compose minutes apart."""
+    # Bank batches of 16 and 20 DDIM steps: each bank actor gets several batches and each sampler item
+    # takes long enough that a test can take a node away while one is being worked on.
+    return small_overrides(model_dir, out, cache, **{"dataset.classes": "[0,1]", "eval.seeds": "[0,1]", "method.gamma": "5",
+                                                     "method.t_stop": "400", "sampler.cfg_scale": "2", "seed": "0", "bank.batch_size": "16",
+                                                     "sampler.steps": "20"})
+
+
+def reference_cmd(model_dir: Path, out: Path, cache: Path) -> list[str]:
+    return [sys.executable, "-m", "dap_ray.distill", *reference_overrides(model_dir, out, cache), "runtime.num_cpus=2"]
+
+
+def clean_env(work: Path, ray_tmp: str) -> dict[str, str]:
+    """A clean environment: fake S3 credentials (must never be written anywhere), Ray's temp dir
+    (its session logs) under a short private path so the test can read every log Ray writes."""
+    return {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work),
+            "RAY_TMPDIR": ray_tmp, "AWS_ACCESS_KEY_ID": FAKE_KEY_ID, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
+            **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}}
+
+
+def start_logged(cmd: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen:
+    """The command in its own session (its process group: the driver and the Ray it starts), output to `log`."""
+    with open(log, "ab") as f:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish_run(proc: subprocess.Popen, kill: bool) -> int:
+    """SIGKILL the driver (only the driver: the fault under test) or let it end, wait for it, then make
+    sure no process of its session (Ray's local cluster it started) outlives it."""
+    if kill:
+        os.kill(proc.pid, signal.SIGKILL)
+    rc = proc.wait(timeout=900)
+    time.sleep(1.0)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session, created by start_new_session
+    except ProcessLookupError:
+        pass
+    return rc
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_dit_dir, tmp_path_factory):
+    """The undisturbed reference run, with fake S3 credentials in its env: (out, cache, work, ray_tmp)."""
+    work = tmp_path_factory.mktemp("reference")
+    ray_tmp = tempfile.mkdtemp(prefix="dr", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    out, cache = work / "run", work / "cache"
+    proc = start_logged(reference_cmd(tiny_dit_dir, out, cache), clean_env(work, ray_tmp), work, work / "log.txt")
+    rc = finish_run(proc, kill=False)
+    assert rc == 0, (work / "log.txt").read_text()[-3000:]
+    yield out, cache, work, Path(ray_tmp)
+    shutil.rmtree(ray_tmp, ignore_errors=True)

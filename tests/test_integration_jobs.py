@@ -243,8 +243,8 @@ class Head:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # `ray start --block` drains and stops its own node
-            try:
-                self.proc.wait(timeout=60)
+            try:  # a graceful drain takes ~30 s; the processes left after a few are killed below, by PID
+                self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from dap_ray.data.types import ClassInfo
 from dap_ray.errors import UserError
 from dap_ray.runtime import plan_pool
 from dap_ray.sampling import SamplerJob, SamplerPool, existing_indices, work_items
-from tests.conftest import small_overrides
+from tests.conftest import finish_run, reference_cmd, start_logged
 
 CLASSES = tuple(ClassInfo(i, str(i), str(i)) for i in range(10))
 
@@ -168,9 +167,6 @@ def test_pool_waiting_for_capacity_says_what_and_gives_up(tiny_dit_dir, ray_sess
 # a real multi-node cluster on this machine: a head and two worker raylets of 1 CPU each
 # ---------------------------------------------------------------------------------------------
 
-# The smallest reduced default that still has every stage on Ray: 3 digit classes, IPC 2, DAP (bank +
-# guided sampling), 3 evaluation trainings. Bank batches of 16 give each bank actor several batches.
-NODE_LOSS_RUN = {"dataset.classes": "[0,1,2]", "methods": "[dap]", "eval.seeds": "[0,1,2]", "bank.batch_size": "16"}
 RUN_BOUND_S = 900  # a run that loses nodes finishes by itself within this (a hang fails the test)
 
 
@@ -212,14 +208,12 @@ def _titles(node) -> list[str]:
 
 
 def _distill(c, model_dir: Path, work: Path) -> tuple[subprocess.Popen, Path]:
-    """The reduced default run, attached to the cluster through RAY_ADDRESS as to any cluster; its
-    output goes to a file (a pipe nobody reads while the test watches the nodes would fill up)."""
-    args = small_overrides(model_dir, work / "run", work / "cache", **NODE_LOSS_RUN)
+    """The reference run (tests/conftest.py: the reduced default on 2 classes, every stage on Ray),
+    attached to the cluster through RAY_ADDRESS as to any cluster; its output goes to a file (a pipe
+    nobody reads while the test watches the nodes would fill up)."""
     env = {**os.environ, "RAY_ADDRESS": c.address, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HOME": str(work)}
     log_path = work / "distill.log"
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "dap_ray.distill", *args], cwd=work, env=env, stdout=log_file,
-                                stderr=subprocess.STDOUT, text=True)
+    proc = start_logged(reference_cmd(model_dir, work / "run", work / "cache"), env, work, log_path)
     return proc, log_path
 
 
@@ -235,26 +229,14 @@ def _accuracies(run: Path) -> dict[tuple, float]:
     return {k: r["acc"] for k, r in zip(keys, rows)}
 
 
-@pytest.fixture(scope="module")
-def undisturbed_cluster_run(cluster, tiny_dit_dir, tmp_path_factory):
-    """The reduced run on the whole cluster, nobody touching it: the bytes and accuracies to match."""
-    work = tmp_path_factory.mktemp("undisturbed")
-    t0 = time.monotonic()
-    proc, log_path = _distill(cluster, tiny_dit_dir, work)
-    proc.wait(timeout=RUN_BOUND_S)
-    assert proc.returncode == 0, log_path.read_text()[-4000:]
-    print(f"undisturbed run on the 3-node cluster: {time.monotonic() - t0:.0f}s")
-    return work / "run"
-
-
 @pytest.mark.integration
-@pytest.mark.timeout(2 * RUN_BOUND_S)
-def test_run_finishes_through_node_loss_in_bank_sampling_and_evaluation(cluster, undisturbed_cluster_run, tiny_dit_dir, tmp_path):
+@pytest.mark.timeout(RUN_BOUND_S + 300)
+def test_run_finishes_through_node_loss_in_bank_sampling_and_evaluation(cluster, reference_run, tiny_dit_dir, tmp_path):
     """One run, three nodes lost (`Cluster.remove_node`, no grace: its raylet and every process on it
     killed), each while it does that stage's work: a bank actor featurising a batch, a sampler actor
     rendering an item, an evaluation training. A node added after the first loss is used by the stages
-    that start after it joined. The run finishes by itself within the bound, with the undisturbed
-    run's bytes and accuracies."""
+    that start after it joined. The run finishes by itself within the bound, with the bytes and the
+    accuracies of the reference run (the same command, undisturbed, on a single-node local Ray)."""
     c = cluster
     _top_up(c)
     # (stage, what must run on the node when it is removed)
@@ -286,8 +268,7 @@ def test_run_finishes_through_node_loss_in_bank_sampling_and_evaluation(cluster,
                         added[new.node_id] = time.monotonic()
             time.sleep(0.05)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        finish_run(proc, kill=proc.poll() is None)  # a hung run is killed, with its process group
     wall = time.monotonic() - t0
     out = log_path.read_text()
     print(f"node-loss run: {wall:.0f}s; removed: {removed}; added: {[k[:8] for k in added]}")
@@ -297,8 +278,9 @@ def test_run_finishes_through_node_loss_in_bank_sampling_and_evaluation(cluster,
     assert sampling_started is not None and joined < sampling_started, "the added node joined after sampling had started"
     assert "SamplerWorker" in " ".join(seen.get(new_id, ())), ("the node added mid-bank ran no sampler actor", seen)
     assert "a sampler actor was lost" in out
-    run = tmp_path / "run"
-    assert _digest(run / "dap" / "images") == _digest(undisturbed_cluster_run / "dap" / "images")
-    assert len(_digest(run / "dap" / "images")) == 3 * 2
-    assert _accuracies(run) == _accuracies(undisturbed_cluster_run)
-    assert len(list((run / "eval").glob("*.json"))) == 3  # each training's result written once
+    run, ref = tmp_path / "run", reference_run[0]
+    for m in ("random_real", "vanilla", "dap"):
+        assert _digest(run / m / "images") == _digest(ref / m / "images"), m
+        assert len(_digest(run / m / "images")) == 2 * 2
+    assert _accuracies(run) == _accuracies(ref)
+    assert len(list((run / "eval").glob("*.json"))) == 3 * 2  # each training's result written once

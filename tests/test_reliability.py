@@ -29,7 +29,16 @@ from PIL import Image
 
 from dap_ray.data.types import ClassInfo
 from dap_ray.sampling import SamplerJob, SamplerPool, existing_indices, run_pool, work_items
-from tests.conftest import REPO, save_tiny_dit, small_overrides
+from tests.conftest import (
+    FAKE_KEY_ID,
+    FAKE_SECRET,
+    REPO,
+    clean_env,
+    finish_run,
+    reference_cmd,
+    save_tiny_dit,
+    start_logged,
+)
 
 CLASSES = tuple(ClassInfo(i, str(i), str(i)) for i in range(10))
 
@@ -657,52 +666,15 @@ def test_changed_config_on_existing_out_dir_is_refused_before_any_work(tiny_dit_
 # driver faults: SIGKILL of `python -m dap_ray.distill`, then the same command again
 # ---------------------------------------------------------------------------------------------
 
-FAKE_KEY_ID = "AKIAFAKEKEYID7Q3ZP5W"
-FAKE_SECRET = "fAkE/SeCrEt+9d1c0ffee0ddba11-not-a-real-key"
-
-
-def _distill_cmd(model_dir: Path, out: Path, cache: Path) -> list[str]:
-    # the knobs that decide the images are pinned: the reference and the resumed runs compose minutes apart
-    args = small_overrides(model_dir, out, cache, **{"dataset.classes": "[0,1]", "eval.seeds": "[0,1]", "method.gamma": "5",
-                                                     "method.t_stop": "400", "sampler.cfg_scale": "2", "seed": "0"})
-    return [sys.executable, "-m", "dap_ray.distill", *args, "runtime.num_cpus=2"]
-
-
-def _distill_env(work: Path, ray_tmp: str) -> dict[str, str]:
-    """A clean environment: fake S3 credentials (must never be written anywhere), Ray's temp dir
-    (its session logs) under a short private path so the test can read every log Ray writes."""
-    return {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work),
-            "RAY_TMPDIR": ray_tmp, "AWS_ACCESS_KEY_ID": FAKE_KEY_ID, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET}
-
-
-def _start(cmd: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen:
-    with open(log, "ab") as f:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _finish(proc: subprocess.Popen, kill: bool) -> int:
-    """SIGKILL the driver (only the driver: the fault under test), wait for it, then make sure no
-    process of its session (Ray's local cluster it started) outlives it."""
-    if kill:
-        os.kill(proc.pid, signal.SIGKILL)
-    rc = proc.wait(timeout=900)
-    time.sleep(1.0)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # its own session, created by start_new_session
-    except ProcessLookupError:
-        pass
-    return rc
-
-
 def _run_until(cmd, env, cwd, log: Path, done, what: str) -> None:
     """Start the command, SIGKILL it as soon as done() is true; fail if it ends first."""
-    proc = _start(cmd, env, cwd, log)
+    proc = start_logged(cmd, env, cwd, log)
     try:
         while proc.poll() is None and not done():
             time.sleep(0.05)
         assert proc.poll() is None, f"the run ended before {what}: {log.read_text()[-2000:]}"
     finally:
-        _finish(proc, kill=proc.poll() is None)
+        finish_run(proc, kill=proc.poll() is None)
 
 
 def _snapshot(*roots: Path, pattern: str = "*") -> dict[Path, tuple[int, int]]:
@@ -712,21 +684,6 @@ def _snapshot(*roots: Path, pattern: str = "*") -> dict[Path, tuple[int, int]]:
 def _results(out: Path) -> dict[tuple, tuple]:
     res = json.loads((out / "results.json").read_text())
     return {(r["method"], r["arch"], r["seed"]): (r["status"], r["acc"]) for r in res["rows"]}
-
-
-@pytest.fixture(scope="module")
-def reference_run(tiny_dit_dir, tmp_path_factory):
-    """An undisturbed reduced distill run in a subprocess, with fake S3 credentials in its env."""
-    import tempfile
-
-    work = tmp_path_factory.mktemp("reference")
-    ray_tmp = tempfile.mkdtemp(prefix="dr", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    out, cache = work / "run", work / "cache"
-    proc = _start(_distill_cmd(tiny_dit_dir, out, cache), _distill_env(work, ray_tmp), work, work / "log.txt")
-    rc = _finish(proc, kill=False)
-    assert rc == 0, (work / "log.txt").read_text()[-3000:]
-    yield out, cache, work, Path(ray_tmp)
-    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.integration
@@ -742,7 +699,7 @@ def test_driver_sigkill_then_rerun_resumes_and_matches(reference_run, tiny_dit_d
     out, cache = tmp_path / "run", tmp_path / "cache"
     ray_tmp = tempfile.mkdtemp(prefix="dk", dir="/tmp")
     try:
-        cmd, env, log = _distill_cmd(tiny_dit_dir, out, cache), _distill_env(tmp_path, ray_tmp), tmp_path / "log.txt"
+        cmd, env, log = reference_cmd(tiny_dit_dir, out, cache), clean_env(tmp_path, ray_tmp), tmp_path / "log.txt"
 
         # 1. killed while sampling `vanilla` (bank committed, random_real done)
         _run_until(cmd, env, tmp_path, log, lambda: list((out / "vanilla" / "images").rglob("*.png")), "vanilla sampling")
@@ -766,7 +723,7 @@ def test_driver_sigkill_then_rerun_resumes_and_matches(reference_run, tiny_dit_d
         half.write_text('{"method": "dap", "arch": "convnet", "status": "ok", "acc": 0.9')  # unparsable: never trusted
 
         # 3. the same command again runs to the end
-        rc = _finish(_start(cmd, env, tmp_path, log), kill=False)
+        rc = finish_run(start_logged(cmd, env, tmp_path, log), kill=False)
         assert rc == 0, log.read_text()[-3000:]
         assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in kept} == kept  # reused, not rewritten
         for m in ("random_real", "vanilla", "dap"):
