@@ -55,6 +55,7 @@ class ModelConfig:
     prompt_template: str = "a photo of a {name}"  # SD only
     default_layer: str = "2"  # guidance layer when method.layer is null
     gamma_range: list[float] = field(default_factory=lambda: [1.0, 20.0])  # what sweeps explore for this backbone
+    gamma_grid: list[float] = field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 20.0])  # tune=grid's γ values, within gamma_range
     cfg_scale: float = 2.0  # this model's classifier-free guidance scale, used when sampler.cfg_scale is null
     tune_layers: list[str] = field(default_factory=lambda: ["1", "2", "3", "4"])  # guidance layers the shipped sweeps search
 
@@ -238,6 +239,10 @@ def validate(cfg: Any) -> None:
     _choice("model.type", cfg.model.type, MODEL_TYPES)
     _check(cfg.model.resolution >= 8, "model.resolution", cfg.model.resolution, "an integer >= 8")
     _check(cfg.model.cfg_scale >= 1.0, "model.cfg_scale", cfg.model.cfg_scale, "a number >= 1 (1 = no classifier-free guidance)")
+    gr = [float(g) for g in cfg.model.gamma_range]
+    _check(len(gr) == 2 and 0 < gr[0] < gr[1], "model.gamma_range", gr, "[low, high] with 0 < low < high")
+    _check(len(cfg.model.gamma_grid) >= 1 and all(float(g) >= 0 for g in cfg.model.gamma_grid), "model.gamma_grid",
+           list(cfg.model.gamma_grid), "a non-empty list of numbers >= 0")
     _check(len(cfg.model.tune_layers) >= 1, "model.tune_layers", list(cfg.model.tune_layers), "a non-empty list of layer names")
     _check(cfg.model.latent_scale is None or cfg.model.latent_scale > 0, "model.latent_scale", cfg.model.latent_scale,
            "null (the VAE's scaling_factor) or a number > 0")

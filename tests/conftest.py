@@ -106,11 +106,12 @@ FAKE_SECRET = "fAkE/SeCrEt+9d1c0ffee0ddba11-not-a-real-key"
 def reference_overrides(model_dir: Path, out: Path, cache: Path) -> list[str]:
     """The reference run's overrides. The knobs that decide the images are pinned: the reference and
     the disturbed runs compose minutes apart."""
-    # Bank batches of 16 and 20 DDIM steps: each bank actor gets several batches and each sampler item
+    # Bank batches of 16, one image per sampler item and 20 DDIM steps: each bank actor gets several
+    # batches, a sampler method has more items (4) than a 3-node test cluster has nodes, and each item
     # takes long enough that a test can take a node away while one is being worked on.
     return small_overrides(model_dir, out, cache, **{"dataset.classes": "[0,1]", "eval.seeds": "[0,1]", "method.gamma": "5",
                                                      "method.t_stop": "400", "sampler.cfg_scale": "2", "seed": "0", "bank.batch_size": "16",
-                                                     "sampler.steps": "20"})
+                                                     "sampler.steps": "20", "sampler.batch_size": "1"})
 
 
 def reference_cmd(model_dir: Path, out: Path, cache: Path) -> list[str]:
