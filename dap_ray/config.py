@@ -159,6 +159,14 @@ class RuntimeConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking, opt-in (dap_ray/tracking.py). Sweeps always write TensorBoard events per
+    trial (Ray Tune's logger, under tune.storage_path); this switches them on for distill/evaluate runs."""
+
+    tensorboard: bool = False  # TensorBoard events under <out_dir>/tensorboard: accuracies, training curves, guidance strength, image grids
+
+
+@dataclass
 class DistillConfig:
     seed: int = 0
     ipc: int = 10
@@ -173,6 +181,7 @@ class DistillConfig:
     bank: BankConfig = field(default_factory=BankConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 @dataclass
@@ -188,6 +197,7 @@ STAGES = ("bank", "sample", "evaluate", "report")
 
 # Keys that no longer exist -> what replaced them (a one-line error instead of "unknown key").
 RENAMED_KEYS = {
+    "tune.arch": "tune.arch is now tune.archs, a list of evaluation nets that every trial trains (e.g. tune.archs=[convnet])",
     "bank.max_per_class": "bank.max_per_class is gone: the bank keeps bank.keep_per_class images' per-image features "
                           "per class (float16, default 8) and its statistics always use every image; set bank.keep_per_class",
 }

@@ -30,6 +30,7 @@ from dap_ray.data.types import ClassInfo
 from dap_ray.errors import ConfigError, UserError
 from dap_ray.runtime import check_storage
 from dap_ray.stats import mean_ci
+from dap_ray.tracking import write_tensorboard
 
 log = logging.getLogger(__name__)
 
@@ -517,6 +518,9 @@ def write_report(cfg: Any, run_dir: str, results: dict, extra: dict | None = Non
     if broken:  # a bug of this module, not of the user's run: say exactly what is missing
         raise RuntimeError(f"report.md would link files that do not exist in {run_dir}: {broken}")
     fs.pipe_file(f"{rp}/report.md", text.encode())
+    if cfg.tracking.tensorboard:
+        tb = write_tensorboard(run_dir, payload, {m: f"{plots}/grid_{slug(m)}.png" for m in methods}, OmegaConf.to_yaml(cfg, resolve=True))
+        log.info("TensorBoard events in %s: tensorboard --logdir %s", tb, tb)
     return table
 
 

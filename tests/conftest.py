@@ -157,3 +157,28 @@ def reference_run(tiny_dit_dir, tmp_path_factory):
     assert rc == 0, (work / "log.txt").read_text()[-3000:]
     yield out, cache, work, Path(ray_tmp)
     shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def read_tensorboard(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the TensorBoard event files under `folder`: tag -> [(step, value)], plus the
+    image and text tags (as tag -> []). Reads the TFRecord framing (length, crc, data, crc) itself."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    files = sorted(folder.rglob("events.out.tfevents.*"))
+    assert files, f"no event file under {folder}"
+    for f in files:
+        data = f.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            for v in event.summary.value:
+                field = v.WhichOneof("value")
+                out.setdefault(v.tag, [])
+                if field == "simple_value":
+                    out[v.tag].append((int(event.step), float(v.simple_value)))
+    return out

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dap_ray.report import missing_links
-from tests.conftest import REPO, small_overrides
+from tests.conftest import REPO, read_tensorboard, small_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,8 @@ def reduced_run(tiny_dit_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
     out, cache = work / "run", work / "cache"
     args = small_overrides(tiny_dit_dir, out, cache, **{"eval.archs": "[convnet,resnetap10]", "eval.tsne": "true", "eval.metrics": "true",
-                                                              "eval.teacher.arch": "convnet", "eval.teacher.epochs": "2"})
+                                                              "eval.teacher.arch": "convnet", "eval.teacher.epochs": "2",
+                                                              "tracking.tensorboard": "true"})
     proc = _run("dap_ray.distill", args, work)  # cwd is not the repo: the entry point must still find its configs
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, cache, proc, work
@@ -52,6 +53,10 @@ def test_distill_writes_results_report_and_plots(reduced_run):
     assert missing_links(md, str(out)) == [] and str(out) not in md
     assert "| method | convnet | resnetap10 |" in proc.stdout  # the table is printed
     assert (out / "config.yaml").is_file() and (out / "skipped.csv").is_file()
+    events = read_tensorboard(out / "tensorboard")  # tracking.tensorboard=true: the same numbers for TensorBoard
+    assert {f"accuracy/{m}/{a}" for m in ("random_real", "vanilla", "dap") for a in ("convnet", "resnetap10")} <= set(events)
+    assert events["accuracy/dap/convnet"][0][1] == pytest.approx(res["summary"]["dap/convnet"]["mean"], abs=1e-3)
+    assert events["guidance_strength/dap"] and "images/dap" in events
 
 
 def test_every_method_has_ipc_images_and_a_manifest(reduced_run):

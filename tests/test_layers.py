@@ -30,7 +30,7 @@ LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
     4: ("bank, sampling", ("bank", "sampling")),
     5: ("methods", ("methods",)),
     6: ("eval, metrics", ("eval", "metrics")),
-    7: ("report", ("report",)),
+    7: ("report, tracking", ("report", "tracking")),
     8: ("entry points", ("distill", "tune", "evaluate", "study", "cli", "zoo")),
 }
 ENTRY_POINTS = LAYERS[8][1]

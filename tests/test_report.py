@@ -20,6 +20,7 @@ from dap_ray.cli import compose
 from dap_ray.config import EvaluateConfig, to_structured
 from dap_ray.data.types import ClassInfo
 from dap_ray.report import missing_links, write_report
+from tests.conftest import read_tensorboard
 
 # integration: matplotlib + PDF figures take a few seconds (no Ray); unit: reads files only
 
@@ -207,3 +208,31 @@ def test_docs_default_run_links_resolve_and_name_no_temp_dir():
     assert "](plots/accuracy.png)" in md
     assert missing_links(md, str(docs)) == []
     assert "/tmp/" not in md and tempfile.gettempdir() + "/" not in md
+
+
+@pytest.mark.integration
+def test_tensorboard_events_hold_accuracies_curves_strength_and_grids(tmp_path):
+    """tracking.tensorboard=true: the run's accuracies (mean per method × net, each seed), every
+    training's curve, DAP's guidance strength per step, the image grids and the config, read back."""
+    run = tmp_path / "run"
+    for m in METHODS:
+        for c in CLASSES:
+            _image(run / m / "images" / c.key / "00000.png", 16, c.index)
+    rows = _rows(1)
+    gs = {"dap": {"mean": 0.1, "per_step": {"900": 0.2, "500": 0.1, "100": 0.05}, "images": 4}}
+    write_report(_cfg(run, "tracking.tensorboard=true"), str(run), {"rows": rows, "classes": CLASSES}, {"guidance_strength": gs})
+    ev = read_tensorboard(run / "tensorboard")
+    for m in METHODS:
+        for a in ARCHS:
+            accs = [100 * r["acc"] for r in rows if (r["method"], r["arch"]) == (m, a)]
+            assert ev[f"accuracy/{m}/{a}"] == [(0, pytest.approx(float(np.mean(accs)), abs=1e-3))]
+            assert [s for s, _ in ev[f"accuracy_per_seed/{m}/{a}"]] == [0, 1, 2]
+            first = next(r for r in rows if (r["method"], r["arch"], r["seed"]) == (m, a, 0))
+            assert ev[f"curve/{m}/{a}/seed0"] == [(e, pytest.approx(100 * acc, abs=1e-3)) for e, acc in first["history"]]
+        assert f"images/{m}" in ev
+    assert ev["guidance_strength/dap"] == [(0, pytest.approx(0.2)), (1, pytest.approx(0.1)), (2, pytest.approx(0.05))]
+    assert any(tag.startswith("config") for tag in ev)
+    # off by default: no folder
+    run2 = tmp_path / "run2"
+    write_report(_cfg(run2), str(run2), {"rows": rows, "classes": CLASSES})
+    assert not (run2 / "tensorboard").exists()

@@ -28,6 +28,7 @@ from dap_ray.tune.results import axis_labels
 from dap_ray.tune.space import Dim, flatten_space, parse_dim, validate_tune
 from dap_ray.tune.sweep import main
 from dap_ray.tune.trial import split_validation
+from tests.conftest import read_tensorboard
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -238,6 +239,11 @@ def test_quick_sweep_end_to_end(tiny_dit_dir, tmp_path, cache_dir, ray_session, 
         assert len(progress) == int(df.loc[df["trial_id"] == tid, "reports"].iloc[0]) >= 2
         assert list(progress["epoch"]) == list(range(2, 2 * len(progress) + 1, 2))
         assert progress["val_acc"].to_numpy() == pytest.approx(progress[["val_acc/convnet", "val_acc/resnetap10"]].mean(axis=1).to_numpy())
+        # TensorBoard: Ray Tune's logger writes every report of the trial (the mean and each net)
+        events = read_tensorboard(out / "ray_results" / "sweep" / f"trial_{tid}")
+        for key in ("val_acc", "val_acc/convnet", "val_acc/resnetap10"):
+            tag = next(t for t in events if t.endswith(f"tune/{key}"))
+            assert [v for _, v in events[tag]] == pytest.approx(list(progress[key]))
 
     # the bank was built once on the driver, before any trial started, and never rebuilt
     sweep = json.loads((out / "sweep.json").read_text())
