@@ -211,7 +211,9 @@ def _distill(c, model_dir: Path, work: Path) -> tuple[subprocess.Popen, Path]:
     """The reference run (tests/conftest.py: the reduced default on 2 classes, every stage on Ray),
     attached to the cluster through RAY_ADDRESS as to any cluster; its output goes to a file (a pipe
     nobody reads while the test watches the nodes would fill up)."""
-    env = {**os.environ, "RAY_ADDRESS": c.address, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HOME": str(work)}
+    # HOME stays the test's: the driver must find the auth token the cluster was started with (Ray's
+    # ~/.ray/auth_token; a ray.init earlier in this pytest process turns RAY_AUTH_MODE=token on)
+    env = {**os.environ, "RAY_ADDRESS": c.address, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     log_path = work / "distill.log"
     proc = start_logged(reference_cmd(model_dir, work / "run", work / "cache"), env, work, log_path)
     return proc, log_path
