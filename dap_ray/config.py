@@ -406,7 +406,7 @@ class TuneSettings:
     reduction_factor: int = 2  # ASHA keeps 1/reduction_factor of the trials at each rung
     ipc: int = 2  # images per class each trial samples (small: trials are many)
     # evaluation nets of each trial (and of the final test): every trial trains each on its distilled set,
-    # as parallel Ray tasks in the trial's placement group (one bundle per net), and reports each net's
+    # in parallel, one NetTrainer actor per bundle of the trial's placement group, and reports each net's
     # accuracy and their mean; the mean is what ASHA and the searcher compare (DAP claims accuracy that
     # holds across architectures, so a knob is tuned on several, not on one ConvNet)
     archs: list[str] = field(default_factory=lambda: ["convnet"])
@@ -418,7 +418,7 @@ class TuneSettings:
     test_best: bool = True  # retrain the best config and evaluate it on the real test split at the end
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0  # fractions share a GPU between trials
-    cpus_per_net: float = 1.0  # with several tune.archs: the bundle of each net's training task
+    cpus_per_net: float = 1.0  # with several tune.archs: the bundle of each net's NetTrainer actor
     gpus_per_net: float | None = None  # with several tune.archs; null = tune.gpus_per_trial
     sampler_actors: int = 0  # 0 = sample inside the trial process; k > 0 = k sampler actors in the trial's placement group
     reuse_actors: bool = True  # keep trial workers alive between trials (saves the torch/diffusers import)

@@ -216,8 +216,8 @@ def run_trial(config: dict, setup: SweepSetup) -> None:
     """One trial: sample a small set with this trial's knobs, train each of tune.archs on it, report
     every few epochs each net's val_acc and their mean (METRIC, what ASHA compares).
 
-    One net trains in the trial's own process; several train in parallel as Ray tasks, one per
-    bundle of the trial's placement group (`make_tuner`), each with the same seed and bytes as alone.
+    One net trains in the trial's own process; several train in parallel as NetTrainer actors, one
+    per bundle of the trial's placement group (`make_tuner`), each giving the checks it gives alone.
     Idempotent: `done.json` in the trial's folder holds a finished trial's history; a trial Tune runs
     again (its driver was killed before Tune recorded the finish) replays those reports instead of
     sampling and training again. `attempt-<k>.json` records each attempt that did the work.
