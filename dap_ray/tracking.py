@@ -21,6 +21,8 @@ from typing import Any
 import fsspec
 import numpy as np
 
+from dap_ray.storage import is_local
+
 TENSORBOARD_DIR = "tensorboard"  # under the run directory
 
 
@@ -44,7 +46,7 @@ def write_tensorboard(run_dir: str, payload: Mapping[str, Any], grids: Mapping[s
     from tensorboardX import SummaryWriter
 
     fs, rp = fsspec.core.url_to_fs(run_dir)
-    remote = "://" in run_dir and not run_dir.startswith("file://")
+    remote = not is_local(fs)
     local = tempfile.mkdtemp(prefix="dap_ray_tb_") if remote else f"{rp}/{TENSORBOARD_DIR}"
     try:
         writer = SummaryWriter(logdir=local)

@@ -137,8 +137,8 @@ def evaluate_best(cfg: Any, setup: SweepSetup, full: DatasetSplits, knobs: Mappi
     ev.eval.epochs = int(t.epochs)
     rows = evaluate_sets(ev, full, {METHOD: recs}, f"{out_dir}/best_test/{trial_id}", cache_dir, progress=False)
     cells = summarize(rows)
-    per_arch = {a: {"acc_mean": round(cells[(METHOD, a)]["mean"], 2), "acc_std": round(cells[(METHOD, a)]["std"], 2),
-                    "accs": [round(x, 2) for x in cells[(METHOD, a)]["accs"]], "failed": cells[(METHOD, a)]["failed"]} for a in archs}
+    per_arch = {a: {"acc_mean": round(c["mean"], 2), "acc_std": round(c["std"], 2), "accs": [round(x, 2) for x in c["accs"]],
+                    "failed": c["failed"]} for a, c in ((a, cells[(METHOD, a)]) for a in archs)}
     # the objective on the test split: per seed, the mean over the nets (a seed with a failed net is left out)
     by_seed: dict[int, dict[str, float]] = {}
     for r in rows:

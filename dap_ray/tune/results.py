@@ -10,7 +10,7 @@ import fsspec
 import numpy as np
 
 from dap_ray.tune.space import Dim, plain
-from dap_ray.tune.trial import METRIC, TIME_ATTR, net_metric
+from dap_ray.tune.trial import METRIC, TIME_ATTR, net_best_column, net_metric
 
 
 def results_table(grid: Any, dims: Sequence[Dim], epochs: int, archs: Sequence[str]):
@@ -34,7 +34,7 @@ def results_table(grid: Any, dims: Sequence[Dim], epochs: int, archs: Sequence[s
         row.update({METRIC: float(m.get(METRIC, math.nan)), "val_acc_best": best})
         for a in archs:  # each net's best check (the mean's best check may be another epoch)
             col = net_metric(a)
-            row[f"val_acc_best/{a}"] = float(hist[col].max()) if reports and col in hist.columns else math.nan
+            row[net_best_column(a)] = float(hist[col].max()) if reports and col in hist.columns else math.nan
         row.update({"epochs": epoch, "reports": reports, "status": status,
                     "seconds": round(float(m.get("time_total_s", math.nan)), 1),
                     "error": "" if r.error is None else f"{type(r.error).__name__}: {str(r.error).splitlines()[0] if str(r.error) else ''}"[:300]})

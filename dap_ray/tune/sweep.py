@@ -45,6 +45,8 @@ from dap_ray.tune.trial import (
     TIME_ATTR,
     SweepSetup,
     build_banks,
+    gpus_per_net,
+    net_best_column,
     read_json,
     run_trial,
     split_validation,
@@ -82,8 +84,7 @@ def make_tuner(cfg: Any, dims: Sequence[Dim], setup: SweepSetup, storage: str, r
         bundles = [{"CPU": float(t.cpus_per_trial), "GPU": float(t.gpus_per_trial)}]
         bundles += [{"CPU": float(r.cpus_per_actor), "GPU": float(r.gpus_per_actor)}] * int(t.sampler_actors)
         if nets > 1:
-            gpus = float(t.gpus_per_trial if t.gpus_per_net is None else t.gpus_per_net)
-            bundles += [{"CPU": float(t.cpus_per_net), "GPU": gpus}] * nets
+            bundles += [{"CPU": float(t.cpus_per_net), "GPU": gpus_per_net(t)}] * nets
         resources: Any = tune.PlacementGroupFactory(bundles)
     else:
         resources = {"cpu": float(t.cpus_per_trial), "gpu": float(t.gpus_per_trial)}
@@ -207,7 +208,7 @@ def run(cfg_raw: Any) -> int:
     if t.test_best:
         test = evaluate_best(cfg, setup, full, knobs, str(best["trial_id"]), out_dir, expand(cfg.cache_dir))
     lines = write_best(cfg, best, dims, out_dir, test)
-    cols = ["trial_id"] + [d.key for d in dims] + ["val_acc_best"] + ([f"val_acc_best/{a}" for a in t.archs] if len(t.archs) > 1 else []) \
+    cols = ["trial_id"] + [d.key for d in dims] + ["val_acc_best"] + ([net_best_column(a) for a in t.archs] if len(t.archs) > 1 else []) \
         + ["epochs", "status"]
     print(df[cols].head(10).to_string(index=False))
     print(f"\nbest (val acc {100 * float(best['val_acc_best']):.1f}%): {' '.join(f'{k}={v}' for k, v in knobs.items())}")
@@ -215,7 +216,7 @@ def run(cfg_raw: Any) -> int:
         nets = ", ".join(f"{a} {c['acc_mean']:.1f} ± {c['acc_std']:.1f}" for a, c in test["per_arch"].items())
         mean = "failed" if test["acc_mean"] is None else f"{test['acc_mean']:.1f} ± {test['acc_std']:.1f}%"
         print(f"test accuracy of the best configuration (IPC {test['ipc']}, {len(test['seeds'])} seed(s)): {mean}"
-              + (f" (mean over {len(test['per_arch'])} nets: {nets})" if len(test["per_arch"]) > 1 else f" ({nets.split()[0]})"))
+              + (f" (mean over {len(test['per_arch'])} nets: {nets})" if len(test["per_arch"]) > 1 else f" ({test['archs'][0]})"))
     print(f"table: {out_dir}/results.csv; plots: {', '.join(plots)}")
     where = f"{out_dir}/best_overrides.txt" if "://" not in out_dir else "best_overrides.txt (copy it from out_dir first)"
     print(f"distill with it: python -m dap_ray.distill $(cat {where})  ({len(lines)} overrides)")

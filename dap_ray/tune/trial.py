@@ -157,8 +157,18 @@ def write_json(fs, path: str, obj: Any) -> None:
 
 
 def net_metric(arch: str) -> str:
-    """The report key of one net's validation accuracy (its column in results.csv is val_acc_best/<arch>)."""
+    """The report key of one net's validation accuracy."""
     return f"{METRIC}/{arch}"
+
+
+def net_best_column(arch: str) -> str:
+    """One net's best validation accuracy: its column in results.csv."""
+    return f"val_acc_best/{arch}"
+
+
+def gpus_per_net(t: Any) -> float:
+    """GPUs of each net's actor in a multi-net trial: tune.gpus_per_net, null = tune.gpus_per_trial."""
+    return float(t.gpus_per_trial if t.gpus_per_net is None else t.gpus_per_net)
 
 
 def train_reporting(images: np.ndarray, labels: np.ndarray, val_images: np.ndarray, val_labels: np.ndarray, arch: str, tc: Any,
@@ -274,7 +284,7 @@ def run_trial(config: dict, setup: SweepSetup) -> None:
         train_reporting(imgs, labels, setup.val_images, setup.val_labels, archs[0], tcs[archs[0]], int(cfg.seed), device,
                         lambda e, a: report(e, {archs[0]: a}))
         return
-    gpus = float(t.gpus_per_trial if t.gpus_per_net is None else t.gpus_per_net)
+    gpus = gpus_per_net(t)
     actor = ray.remote(NetTrainer).options(num_cpus=float(t.cpus_per_net), num_gpus=gpus, max_restarts=0)
     data = [ray.put(a) for a in (imgs, labels, setup.val_images, setup.val_labels)]  # one copy in the store for every net
     nets = [actor.remote(*data, a, tcs[a], int(cfg.seed), int(max(1.0, float(t.cpus_per_net))), gpus > 0) for a in archs]
