@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +24,8 @@ from dap_ray.guidance import energy_gradient, guided_eps
 from dap_ray.runtime import actor_count
 
 log = logging.getLogger(__name__)
+
+PNG_WRITERS = 2  # threads per sampler actor that encode and write PNGs while the next batch samples
 
 
 class Guidance(Protocol):
@@ -109,11 +112,54 @@ def sample_latents(
 
 
 @dataclass(frozen=True)
-class WorkItem:
-    method: str
+class ClassRange:
+    """Image indices [start, stop) of one class."""
+
     label: int
-    start: int  # image indices [start, stop) of this class
+    start: int
     stop: int
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One sampler batch: index ranges of one or more classes, rendered together (at most
+    `sampler.batch_size` images). Items are cut from the run's config alone (`pack_items`), so the
+    batch an image is rendered in, and hence its bytes, never depend on the pool or on resumes."""
+
+    method: str
+    parts: tuple[ClassRange, ...]
+
+    @classmethod
+    def of_class(cls, method: str, label: int, start: int, stop: int) -> WorkItem:
+        return cls(method, (ClassRange(label, start, stop),))
+
+    @property
+    def labels(self) -> list[int]:
+        """The class label of each image, in batch order."""
+        return [p.label for p in self.parts for _ in range(p.start, p.stop)]
+
+    def images(self) -> list[tuple[int, int]]:
+        """(label, index) of each image, in batch order."""
+        return [(p.label, i) for p in self.parts for i in range(p.start, p.stop)]
+
+
+def pack_items(method: str, counts: Sequence[int], batch_size: int) -> list[WorkItem]:
+    """Batches of `batch_size` images over all classes in (label, index) order: counts[label] images of
+    each class, a batch spanning class boundaries (IPC 1 at batch 16 renders 16 classes at once)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    flat = [(label, i) for label, n in enumerate(counts) for i in range(int(n))]
+    items = []
+    for b in range(0, len(flat), batch_size):
+        chunk = flat[b : b + batch_size]
+        parts: list[ClassRange] = []
+        for label, i in chunk:
+            if parts and parts[-1].label == label:
+                parts[-1] = ClassRange(label, parts[-1].start, i + 1)
+            else:
+                parts.append(ClassRange(label, i, i + 1))
+        items.append(WorkItem(method, tuple(parts)))
+    return items
 
 
 @dataclass(frozen=True)
@@ -217,6 +263,9 @@ class SamplerWorker:
         self.backbone.bind_classes(list(job.classes))
         self.guidance = job.guidance.build(self.backbone) if job.guidance is not None else None
         self._job_ref = job_ref  # the ObjectRef (hex) of the pool's job this actor holds, if any
+        # PNG encoding (zlib, which releases the GIL) and writing run beside the sampling loop
+        self._writer = ThreadPoolExecutor(max_workers=PNG_WRITERS, thread_name_prefix="png-writer")
+        self._writes: list[Future] = []
 
     def ready(self) -> str:
         """The pool's probe: answers once the actor is placed and its model loaded (the node's id)."""
@@ -232,47 +281,65 @@ class SamplerWorker:
         self.guidance = job.guidance.build(self.backbone) if job.guidance is not None else None
 
     def render_for(self, job_box: list, item: WorkItem) -> list[dict]:
-        """`render` for the job whose ObjectRef is job_box[0] (boxed so Ray does not resolve it on every
-        call: the job, with its guidance recipe, is fetched and built once per job, not per item)."""
+        """Pipelined `render` (wait=False) for the job whose ObjectRef is job_box[0] (boxed so Ray does not
+        resolve it on every call: the job, with its guidance recipe, is fetched and built once per job)."""
         import ray
 
         ref = job_box[0]
         if ref.hex() != self._job_ref:
             self.switch(ray.get(ref))
             self._job_ref = ref.hex()
-        return self.render(item)
+        return self.render(item, wait=False)
 
-    def render(self, item: WorkItem) -> list[dict]:
-        key = self.job.classes[item.label].key
-        todo = [i for i in range(item.start, item.stop) if i not in existing_indices(self.job.out_dir, key)]
-        if not todo:
+    def render(self, item: WorkItem, wait: bool = True) -> list[dict]:
+        """Render the item's images (the whole batch, always: a fixed batch composition gives identical
+        bytes) and write the ones not on disk yet. One row per image of the item.
+
+        wait=False pipelines the writes: this item's PNGs are encoded and written on background threads
+        while the next item samples, and are on disk when the next `render` or `flush` returns (the pool
+        calls `flush` before it counts the last item done). The GPU does not wait for zlib."""
+        keys = [self.job.classes[p.label].key for p in item.parts]
+        have = {p.label: existing_indices(self.job.out_dir, k) for p, k in zip(item.parts, keys)}
+        images_of = item.images()
+        if all(i in have[label] for label, i in images_of):
+            self.flush()
             return []
-        seeds = [seed_for(self.job.seed, "sample", key, i) for i in range(item.start, item.stop)]
-        # Always render the whole item (fixed batch composition => identical bytes), write the missing ones.
-        y = torch.full((item.stop - item.start,), item.label, dtype=torch.long)
+        seeds = [seed_for(self.job.seed, "sample", self.job.classes[label].key, i) for label, i in images_of]
+        y = torch.tensor(item.labels, dtype=torch.long)  # (B,)
         start_t = None
         if self.job.start is not None:
             x, start_t = self.job.start.latents(self.backbone, item, seeds)
         else:
-            x = torch.stack([initial_noise(self.backbone.latent_shape, s) for s in seeds])
+            x = torch.stack([initial_noise(self.backbone.latent_shape, s) for s in seeds])  # (B, C, h, w)
         guidance = self.guidance
-        if guidance is not None and hasattr(guidance, "for_item"):  # per-image targets (DIVER's inherited latents)
+        if guidance is not None and hasattr(guidance, "for_item"):  # per-item state (DIVER's targets, DAP's class means)
             guidance = guidance.for_item(self.backbone, item, seeds)
         trace: list[StepInfo] = []
         lat = sample_latents(self.backbone, x, y, self.job.steps, self.job.cfg_scale, self.job.eta, guidance,
                              eta_generator=torch.Generator().manual_seed(seeds[0]), start_t=start_t, trace=trace)
         guided = [s for s in trace if s.strength is not None]
         with torch.no_grad():
-            images = self.backbone.tensor_to_images(self.backbone.decode(lat))
+            images = self.backbone.tensor_to_images(self.backbone.decode(lat))  # (B, H, W, 3) uint8
+        self.flush()  # the previous item's writes, which ran while this item sampled
         out = []
-        for j, i in enumerate(range(item.start, item.stop)):
-            if i in todo:
-                write_png_atomic(image_path(self.job.out_dir, key, i), images[j])
-            row = {"class": key, "label": item.label, "index": i, "seed": seeds[j]}
+        for j, (label, i) in enumerate(images_of):
+            key = self.job.classes[label].key
+            if i not in have[label]:
+                self._writes.append(self._writer.submit(write_png_atomic, image_path(self.job.out_dir, key, i), images[j]))
+            row = {"class": key, "label": label, "index": i, "seed": seeds[j]}
             if guided:  # {t: |Δε|/|ε|} of this image's guided steps
                 row["guidance_strength"] = {int(s.t): float(s.strength[j]) for s in guided}
             out.append(row)
+        if wait:
+            self.flush()
         return out
+
+    def flush(self) -> int:
+        """Wait for the PNG writes in flight (re-raising a failed one); how many there were."""
+        writes, self._writes = self._writes, []
+        for f in writes:
+            f.result()
+        return len(writes)
 
 
 def guidance_strength(rows: Sequence[dict]) -> dict | None:
@@ -292,8 +359,19 @@ def guidance_strength(rows: Sequence[dict]) -> dict | None:
 
 
 def work_items(method: str, num_classes: int, ipc: int, batch_size: int) -> list[WorkItem]:
-    """Fixed chunks of each class's index range: the same items whatever the pool size."""
-    return [WorkItem(method, c, s, min(s + batch_size, ipc)) for c in range(num_classes) for s in range(0, ipc, batch_size)]
+    """`ipc` images of each class in batches of `batch_size` (`pack_items`): the same items whatever the
+    pool size."""
+    return pack_items(method, [ipc] * num_classes, batch_size)
+
+
+def split_finished(job: SamplerJob, items: Sequence[WorkItem]) -> tuple[list[WorkItem], list[WorkItem]]:
+    """(items with an image still missing, items whose every image is on disk as a whole PNG)."""
+    have = {label: existing_indices(job.out_dir, job.classes[label].key)  # one listing per class, not per item
+            for label in sorted({label for it in items for label, _ in it.images()})}
+    pending, finished = [], []
+    for it in items:
+        (finished if all(i in have[label] for label, i in it.images()) else pending).append(it)
+    return pending, finished
 
 
 def model_key(job: SamplerJob) -> tuple:
@@ -361,16 +439,10 @@ class SamplerPool:
         from ray.exceptions import RayActorError
         from tqdm.auto import tqdm
 
-        pending = []
-        have_by_class: dict[int, set[int]] = {}
-        for it in items:
-            if it.label not in have_by_class:  # one listing (and PNG check) per class, not per item
-                have_by_class[it.label] = existing_indices(job.out_dir, job.classes[it.label].key)
-            if not all(i in have_by_class[it.label] for i in range(it.start, it.stop)):
-                pending.append(it)
+        pending, finished = split_finished(job, items)
         records = [
-            {"class": job.classes[it.label].key, "label": it.label, "index": i, "seed": seed_for(job.seed, "sample", job.classes[it.label].key, i)}
-            for it in items if it not in pending for i in range(it.start, it.stop)
+            {"class": job.classes[label].key, "label": label, "index": i, "seed": seed_for(job.seed, "sample", job.classes[label].key, i)}
+            for it in finished for label, i in it.images()
         ]
         if not pending:
             return records
@@ -388,8 +460,13 @@ class SamplerPool:
         while len(self.actors) < min(self.num_actors, len(pending)):
             self.actors.append(Actor.remote(job_ref, None, job_ref.hex()))
         probes = {a.ready.remote(): a for a in self.actors}  # an item goes only to an actor that answered
-        running: dict = {}  # task ref -> (actor, item)
+        running: dict = {}  # task ref -> (actor, item); item None for a flush
         idle: list = []
+        # Items an actor returned whose PNGs may still be in flight on its writer threads (render_for
+        # pipelines them): they are done once that actor answers its next render or a flush. If it dies
+        # first they are redone (same bytes; only missing files are written), their rows already taken.
+        unflushed: dict = {}  # actor -> its last returned item
+        taken: set[WorkItem] = set()
         queue = collections.deque(pending)
         bar = tqdm(total=len(pending), desc=desc, unit="item", disable=not progress)
         waiting_since: float | None = None
@@ -398,6 +475,8 @@ class SamplerPool:
         def replace(actor, why: str) -> None:
             ray.kill(actor)  # an unreachable actor may still be busy: its item is redone elsewhere
             self.actors.remove(actor)
+            if actor in unflushed:
+                queue.appendleft(unflushed.pop(actor))
             self.replaced += 1
             new = Actor.remote(job_ref, None, job_ref.hex())
             self.actors.append(new)
@@ -405,10 +484,14 @@ class SamplerPool:
             log.warning("%s: a sampler actor was lost (%s); its work goes to the %d other actor(s), a replacement is "
                         "placed when a node has room (%s)", desc, why, len(self.actors) - 1, self._need())
 
-        while queue or running:
+        while queue or running or unflushed:
             while queue and idle:
                 actor, item = idle.pop(), queue.popleft()
                 running[actor.render_for.remote(job_box, item)] = (actor, item)
+            if not queue:  # nothing left to hand out: the idle actors finish their writes
+                for actor in [a for a in idle if a in unflushed]:
+                    idle.remove(actor)
+                    running[actor.flush.remote()] = (actor, None)
             if not running:  # items left and no actor ready: the run waits for capacity (or for model loads)
                 now = time.monotonic()
                 if waiting_since is None:
@@ -445,13 +528,21 @@ class SamplerPool:
                 continue
             actor, item = running.pop(ref)
             try:
-                records.extend(ray.get(ref))
+                rows = ray.get(ref)
             except RayActorError as e:
-                queue.appendleft(item)
+                if item is not None:
+                    queue.appendleft(item)
                 replace(actor, type(e).__name__)
                 continue
             idle.append(actor)
-            bar.update(1)
+            if item is None:  # a flush: every item this actor returned is on disk
+                unflushed.pop(actor, None)
+                continue
+            unflushed[actor] = item  # the item before it was flushed by this render
+            if item not in taken:
+                taken.add(item)
+                records.extend(rows)
+                bar.update(1)
         bar.close()
         return records
 

@@ -275,11 +275,11 @@ def test_selected_noises_file_and_start_recipe(tiny_dit_dir, tmp_path):
     bb = load_backbone({"type": "dit", "path": str(tiny_dit_dir)})
     bb.bind_classes(DIGIT_CLASSES)
     start = d3hr.D3HRStart(str(tmp_path / "n"), 600)
-    whole, t = start.latents(bb, WorkItem("d3hr", 3, 0, 4), seeds=[0] * 4)
-    parts = [start.latents(bb, WorkItem("d3hr", 3, a, b), seeds=[0] * (b - a))[0] for a, b in ((0, 1), (1, 4))]
+    whole, t = start.latents(bb, WorkItem.of_class("d3hr", 3, 0, 4), seeds=[0] * 4)
+    parts = [start.latents(bb, WorkItem.of_class("d3hr", 3, a, b), seeds=[0] * (b - a))[0] for a, b in ((0, 1), (1, 4))]
     assert t == 600 and whole.shape == (4, 1, 8, 8)
     assert torch.equal(torch.cat(parts), whole)
     want = candidate_group(torch.from_numpy(x.mean(0).numpy()), x.std(0, unbiased=False), 4, 0, "3", info["group"])
     assert torch.equal(whole.reshape(4, 64), want)
     with pytest.raises(RuntimeError, match="holds 4 noises"):
-        start.latents(bb, WorkItem("d3hr", 3, 2, 6), seeds=[0] * 4)
+        start.latents(bb, WorkItem.of_class("d3hr", 3, 2, 6), seeds=[0] * 4)

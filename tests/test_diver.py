@@ -63,7 +63,7 @@ def test_zero_start_and_zero_guidance_is_the_vae_reconstruction(tiny_dit_dir, tm
     root = _source_set(tmp_path / "src", size=res)
     sources = _sources_tuple(root)
     worker = SamplerWorker(_job(model_dir, tmp_path / "out", sources, start_timestep(None, 5, 0), res=res), device="cpu")
-    item = WorkItem("diver", 3, 0, 3)
+    item = WorkItem.of_class("diver", 3, 0, 3)
     rows = worker.render(item)
     assert [r["index"] for r in rows] == [0, 1, 2]
     bb = worker.backbone
@@ -114,7 +114,7 @@ def test_semantic_guidance_energy_gate_and_direction(tiny_dit_dir, tmp_path):
     assert torch.all(e_after < e)  # -∇E moves toward the inherited semantics
     # in the sampler: energies are traced exactly on the concrete-phase steps
     trace = []
-    x_s = DiverStart(sources, 800, 8).latents(bb, WorkItem("diver", 3, 0, 3), seeds)[0]
+    x_s = DiverStart(sources, 800, 8).latents(bb, WorkItem.of_class("diver", 3, 0, 3), seeds)[0]
     guided = sample_latents(bb, x_s, y, 5, 1.0, guidance=g, start_t=800, trace=trace)
     assert [(s.t, s.energy is not None) for s in trace] == [(800, False), (600, False), (400, True), (200, True), (0, True)]
     plain = sample_latents(bb, x_s, y, 5, 1.0, guidance=None, start_t=800)
@@ -132,7 +132,7 @@ def test_per_item_guidance_through_the_sampler_worker_is_order_independent(tiny_
     the actor rendered before (=> same bytes for any pool size)."""
     sources = _sources_tuple(_source_set(tmp_path / "src", keys=("3",), n=4), ipc=4)
     recipe = DiverGuidanceRecipe(sources, 8, "1", "tokens", 50.0, 400)
-    items = [WorkItem("diver", 3, 0, 2), WorkItem("diver", 3, 2, 4)]
+    items = [WorkItem.of_class("diver", 3, 0, 2), WorkItem.of_class("diver", 3, 2, 4)]
     outs = {}
     for name, order in (("a", items), ("b", items[::-1])):
         w = SamplerWorker(_job(tiny_dit_dir, tmp_path / name, sources, 800, guidance=recipe), device="cpu")

@@ -19,14 +19,20 @@ from dap_ray.data.types import ClassInfo
 from dap_ray.guidance import class_energy
 from dap_ray.methods.dap import DAPGuidance, DAPGuidanceRecipe
 from dap_ray.sampling import (
+    ClassRange,
     SamplerJob,
+    SamplerWorker,
     StepInfo,
+    WorkItem,
     guidance_strength,
     initial_noise,
+    pack_items,
+    png_complete,
     run_pool,
     sample_latents,
     schedule,
     seed_for,
+    split_finished,
     work_items,
 )
 
@@ -61,6 +67,59 @@ def test_seeds_are_stable_and_distinct():
     assert len({seed_for(0, "sample", c, i) for c in "0123" for i in range(10)}) == 40
     a = initial_noise((1, 8, 8), 0, "sample", "3", 1)
     assert torch.equal(a, initial_noise((1, 8, 8), 0, "sample", "3", 1))
+
+
+@pytest.mark.unit
+def test_pack_items_batches_span_classes_and_cover_each_image_once():
+    counts = [3, 1, 0, 5]
+    items = pack_items("dap", counts, 4)
+    assert [it.parts for it in items] == [
+        (ClassRange(0, 0, 3), ClassRange(1, 0, 1)),  # IPC-sized classes share a batch
+        (ClassRange(3, 0, 4),),
+        (ClassRange(3, 4, 5),),
+    ]
+    assert items[0].labels == [0, 0, 0, 1] and items[0].images() == [(0, 0), (0, 1), (0, 2), (1, 0)]
+    flat = [im for it in items for im in it.images()]
+    assert flat == [(c, i) for c, n in enumerate(counts) for i in range(n)]
+    assert all(len(it.images()) <= 4 for it in items)
+    # IPC 1 over 1,000 classes at batch 16: 63 batches, not 1,000 batches of one image
+    assert len(work_items("dap", 1000, 1, 16)) == 63
+    assert work_items("v", 2, 4, 4) == [WorkItem.of_class("v", 0, 0, 4), WorkItem.of_class("v", 1, 0, 4)]
+    with pytest.raises(ValueError, match="batch_size"):
+        pack_items("dap", counts, 0)
+
+
+def _pixels(root: Path) -> dict[str, np.ndarray]:
+    from PIL import Image
+
+    return {p.relative_to(root).as_posix(): np.asarray(Image.open(p), np.int16) for p in sorted(root.rglob("*.png"))}
+
+
+@pytest.mark.integration
+def test_pipelined_writes_land_by_the_next_render_or_flush(tiny_dit_dir, tmp_path):
+    """render(wait=False) returns before its PNGs are written; they are whole on disk once the next
+    render or flush returns, and split_finished sees them; a write that fails is raised by flush."""
+    w = SamplerWorker(_job(tiny_dit_dir, tmp_path / "p"), "cpu")
+    a, b = pack_items("vanilla", [2, 2], 2)
+    rows = w.render(a, wait=False)
+    assert [(r["class"], r["index"]) for r in rows] == [("0", 0), ("0", 1)]
+    w.render(b, wait=False)
+    assert all(png_complete(_fs(), str(tmp_path / "p" / "images" / "0" / f"{i:05d}.png")) for i in (0, 1))
+    assert w.flush() == 2 and w.flush() == 0
+    assert split_finished(w.job, [a, b]) == ([], [a, b])
+    assert w.render(a) == []  # everything on disk: nothing rendered
+
+    (tmp_path / "blocked").write_text("a file where the images directory should go")
+    w.job = SamplerJob(**{**w.job.__dict__, "out_dir": str(tmp_path / "blocked")})
+    w.render(a, wait=False)
+    with pytest.raises(OSError):
+        w.flush()
+
+
+def _fs():
+    import fsspec
+
+    return fsspec.filesystem("file")
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +171,34 @@ def test_dap_lowers_energy_to_the_class_mean(digits_bank):
     ev, ed = energy(van), energy(dap)
     assert ed.mean() < ev.mean(), (ed.mean(), ev.mean())
     assert (ed < ev).mean() >= 0.75
+
+
+@pytest.mark.integration
+def test_a_batch_of_several_classes_renders_what_one_class_batches_render(digits_bank, tmp_path):
+    """DAP guides each image of a mixed batch toward its own class (statistics staged per item): the
+    images of one 8-image batch over classes 0 and 1 are those of two 4-image single-class batches."""
+    bank, _, ds = digits_bank
+    recipe = DAPGuidanceRecipe(bank.path, bank.spec, tuple(ds.classes), "2", "linear", 20.0, 0, "tokens")
+    job = SamplerJob(model={"type": "dit", "path": None}, classes=tuple(ds.classes), out_dir=str(tmp_path / "mixed"), seed=0,
+                     steps=10, cfg_scale=2.0, eta=0.0, dtype="fp32", guidance=recipe)
+    w = SamplerWorker(job, "cpu")
+    (mixed,) = pack_items("dap", [4, 4], 8)
+    assert len(mixed.parts) == 2
+    rows = w.render(mixed)
+    assert len(w.guidance._staged) == 2 * sum(w.guidance.applies(t) for t in bank.spec.timesteps)  # both classes, each guided t
+    w.job = SamplerJob(**{**job.__dict__, "out_dir": str(tmp_path / "single")})
+    for it in pack_items("dap", [4, 4], 4):
+        w.render(it)
+    mixed_px, single_px = _pixels(tmp_path / "mixed"), _pixels(tmp_path / "single")
+    assert len(mixed_px) == 8 and mixed_px.keys() == single_px.keys()
+    assert max(int(np.abs(mixed_px[k] - single_px[k]).max()) for k in mixed_px) <= 1  # batch size may move a rounding
+    assert [(r["class"], r["index"]) for r in rows] == [("0", i) for i in range(4)] + [("1", i) for i in range(4)]
+    assert all(r["guidance_strength"] for r in rows)
+    # and the guidance did act on the mixed batch: its images are not vanilla's
+    vanilla = SamplerJob(**{**job.__dict__, "out_dir": str(tmp_path / "vanilla"), "guidance": None})
+    SamplerWorker(vanilla, "cpu").render(mixed)
+    assert _pixels(tmp_path / "vanilla").keys() == mixed_px.keys()
+    assert any(int(np.abs(_pixels(tmp_path / "vanilla")[k] - mixed_px[k]).max()) > 1 for k in mixed_px)
 
 
 @pytest.mark.integration

@@ -70,7 +70,7 @@ from dap_ray.ddim import final_alpha, schedule
 from dap_ray.errors import ConfigError, UserError
 from dap_ray.methods.base import Method, RunContext
 from dap_ray.runtime import actor_count
-from dap_ray.sampling import seed_for
+from dap_ray.sampling import WorkItem, seed_for
 from dap_ray.storage import expand
 
 log = logging.getLogger(__name__)
@@ -456,14 +456,16 @@ class D3HRStart:
     noise_dir: str
     start_t: int
 
-    def latents(self, backbone, item, seeds) -> tuple[torch.Tensor, int]:
-        key = backbone.classes[item.label].key
-        fs, p = fsspec.core.url_to_fs(noise_path(self.noise_dir, key))
-        noises = st_load(fs.cat_file(p))["noises"]  # (ipc, D)
-        if noises.shape[0] < item.stop:
-            raise RuntimeError(f"{p} holds {noises.shape[0]} noises; item needs indices up to {item.stop}")
-        x = noises[item.start : item.stop].reshape(item.stop - item.start, *backbone.latent_shape)
-        return x, self.start_t
+    def latents(self, backbone, item: WorkItem, seeds: Sequence[int]) -> tuple[torch.Tensor, int]:
+        xs = []
+        for part in item.parts:  # each class's rows [start, stop) of its noise file, in batch order
+            key = backbone.classes[part.label].key
+            fs, p = fsspec.core.url_to_fs(noise_path(self.noise_dir, key))
+            noises = st_load(fs.cat_file(p))["noises"]  # (ipc, D)
+            if noises.shape[0] < part.stop:
+                raise RuntimeError(f"{p} holds {noises.shape[0]} noises; item needs indices up to {part.stop}")
+            xs.append(noises[part.start : part.stop].reshape(part.stop - part.start, *backbone.latent_shape))
+        return torch.cat(xs), self.start_t  # (B, C, h, w)
 
 
 def inversion_spec(cfg: Any, backbone) -> InversionSpec:

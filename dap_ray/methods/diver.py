@@ -56,7 +56,7 @@ from dap_ray.data.types import ClassInfo
 from dap_ray.ddim import schedule
 from dap_ray.errors import UserError
 from dap_ray.methods.base import Method, RunContext
-from dap_ray.sampling import WorkItem, initial_noise
+from dap_ray.sampling import WorkItem, initial_noise, pack_items
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,11 @@ def inherit(backbone, paths: Sequence[str], seeds: Sequence[int], resolution: in
     return z0, noise
 
 
+def item_sources(sources: Sequence[Sequence[str]], item: WorkItem) -> list[str]:
+    """The source image paths of an item's images, in batch order (sources: per label, in index order)."""
+    return [sources[label][i] for label, i in item.images()]
+
+
 @dataclass(frozen=True)
 class DiverStart:
     """Picklable start recipe: each item's source images, encoded and forward-noised to start_t."""
@@ -91,7 +96,7 @@ class DiverStart:
     resolution: int
 
     def latents(self, backbone, item: WorkItem, seeds: Sequence[int]) -> tuple[torch.Tensor, int]:
-        z0, noise = inherit(backbone, self.sources[item.label][item.start : item.stop], seeds, self.resolution)
+        z0, noise = inherit(backbone, item_sources(self.sources, item), seeds, self.resolution)
         if self.start_t < 0:
             return z0, -1  # sample_latents runs no step: decode(encode(x))
         return ddim.add_noise(z0, noise, float(backbone.alphas_cumprod[self.start_t])), self.start_t
@@ -139,7 +144,7 @@ class DiverGuidance:
 
     def for_item(self, backbone, item: WorkItem, seeds: Sequence[int]) -> SemanticGuidance:
         r = self.recipe
-        z0, noise = inherit(backbone, r.sources[item.label][item.start : item.stop], seeds, r.resolution)
+        z0, noise = inherit(backbone, item_sources(r.sources, item), seeds, r.resolution)
         return SemanticGuidance(z0, noise, r.layer, r.pooling, r.gamma, r.fusion_t)
 
 
@@ -224,9 +229,7 @@ class Diver(Method):
         log.info("diver: refining %d images from %s (start t=%d, guidance γ=%s on layer %s while t <= %d)",
                  sum(map(len, sources)), folder, t_s, m.diver_gamma, layer, m.diver_fusion_t)
         job = sampler_job(ctx, self.name, guidance, start)
-        bs = int(cfg.sampler.batch_size)
-        items = [WorkItem(self.name, c.index, s, min(s + bs, len(sources[c.index])))
-                 for c in ctx.dataset.classes for s in range(0, len(sources[c.index]), bs)]
+        items = pack_items(self.name, [len(s) for s in sources], int(cfg.sampler.batch_size))
         rows = ctx.render(job, items, desc=f"sampling {self.name}")
         for row in rows:  # provenance: which source image each refined image comes from
             row["source"] = sources[row["label"]][row["index"]]

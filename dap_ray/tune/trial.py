@@ -130,7 +130,7 @@ def sample_set(cfg: Any, dataset: DatasetSplits, bank: Any, run_dir: str, sample
     """
     from dap_ray.methods import RunContext
     from dap_ray.methods.dap import DAP, sampler_job
-    from dap_ray.sampling import SamplerWorker, existing_indices, work_items
+    from dap_ray.sampling import SamplerWorker, split_finished, work_items
 
     method = DAP()
     ctx = RunContext(cfg=cfg, dataset=dataset, backbone_info=None, run_dir=run_dir, bank=bank, progress=False)
@@ -140,7 +140,7 @@ def sample_set(cfg: Any, dataset: DatasetSplits, bank: Any, run_dir: str, sample
         return ctx.method_dir(method.name)
     job = sampler_job(ctx, method.name, method.recipe(ctx) if cfg.method.gamma > 0 else None)
     items = work_items(method.name, len(dataset.classes), int(cfg.ipc), int(cfg.sampler.batch_size))
-    pending = [it for it in items if not set(range(it.start, it.stop)) <= existing_indices(job.out_dir, job.classes[it.label].key)]
+    pending, _ = split_finished(job, items)
     if pending:
         worker = SamplerWorker(job)
         for it in pending:
