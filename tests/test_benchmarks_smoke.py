@@ -196,7 +196,8 @@ def test_sampling_throughput_quick(bench_md, tiny_dit_dir, tmp_path, ray_session
     before = bench_md.read_text()
     cache = tmp_path / "cache"
     assert sampling_throughput.main(["--quick", "--out", str(bench_md), "--model", str(tiny_dit_dir), "--cache-dir", str(cache)]) == 0
-    body = _check_written(bench_md, before, "sampling_throughput", "DAP time / vanilla time", "DiTPipeline time / our vanilla time")
+    body = _check_written(bench_md, before, "sampling_throughput", "DAP time / vanilla time", "DiTPipeline time / our vanilla time",
+                          "batches across classes", "pipelined writes", "256 x 256 RGB PNG")
     agree = float(body.split("differ by at most ")[1].split()[0].rstrip("."))
     assert agree < 1e-4  # the tiny DiT does not clip: diffusers' DDIM and ours must give the same images
     assert (cache / "banks").is_dir()  # a real bank was built
