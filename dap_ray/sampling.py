@@ -40,6 +40,39 @@ class Guidance(Protocol):
         ...
 
 
+class LayerGuidance(Guidance, Protocol):
+    """A guidance whose energy reads one layer of the conditional forward: the sampler takes that layer
+    from the CFG forward itself (`Backbone.eps_with_features`) instead of a second forward."""
+
+    layer: str
+
+    def energy_of_features(self, backbone, feats: torch.Tensor, t: int, y: torch.Tensor) -> torch.Tensor:
+        """(B,) energies of the layer's outputs feats (B, tokens, dim) (differentiable w.r.t. feats)."""
+        ...
+
+
+def guided_step_eps(backbone, guidance: Guidance, x: torch.Tensor, t: int, y: torch.Tensor, cfg_scale: float,
+                    share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(eps (B,C,h,w), ∇_x E (B,C,h,w), E (B,)) of one guided step.
+
+    share_prefix: a LayerGuidance's features come from the CFG forward, whose blocks up to the layer are
+    taped once (exact; the conditional branch's prefix is not run a second time). Otherwise, or for a
+    guidance that needs a forward of its own, the CFG forward and the guidance pass run separately."""
+    if share_prefix and hasattr(guidance, "energy_of_features"):
+        out: dict[str, torch.Tensor] = {}
+
+        def energy_fn(z: torch.Tensor) -> torch.Tensor:
+            out["eps"], feats = backbone.eps_with_features(z, t, y, cfg_scale, guidance.layer)
+            return guidance.energy_of_features(backbone, feats, t, y)
+
+        grad, energy = energy_gradient(energy_fn, x)
+        return out["eps"], grad, energy
+    with torch.no_grad():
+        eps = backbone.eps(x, t, y, cfg_scale)
+    grad, energy = energy_gradient(lambda z: guidance.energy(backbone, z, t, y), x)
+    return eps, grad, energy
+
+
 def seed_for(*parts: object) -> int:
     """A 63-bit seed from a tuple such as (run seed, stage, class key, index): stable across runs."""
     h = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
@@ -70,10 +103,12 @@ def sample_latents(
     eta_generator: torch.Generator | None = None,
     start_t: int | None = None,
     trace: list[StepInfo] | None = None,
+    share_prefix: bool = True,
 ) -> torch.Tensor:
     """DDIM from x_T = noise (B,C,h,w) for dataset labels y (B,) -> x_0 latents (B,C,h,w).
 
     start_t: begin at the first schedule step <= start_t (DIVER/img2img start from a noised latent).
+    share_prefix: guided steps take the guidance layer from the CFG forward (`guided_step_eps`).
     """
     x = noise.to(backbone.device, torch.float32)
     y = y.to(backbone.device)
@@ -87,16 +122,17 @@ def sample_latents(
     for i, t in enumerate(ts):
         a_t = ddim.alpha_bar(ab, t)
         a_prev = ddim.alpha_bar(ab, ts[i + 1] if i + 1 < len(ts) else -1, fa)
-        with torch.no_grad():
-            eps = backbone.eps(x, t, y, cfg_scale)
         energy = strength = None
         if guidance is not None and guidance.gamma > 0 and guidance.applies(t):
-            # ∇E through the backbone's forward cut at the guidance layer, conditional branch only.
-            grad, energy = energy_gradient(lambda z, t=t: guidance.energy(backbone, z, t, y), x)
+            # ∇E through the backbone's conditional forward up to the guidance layer
+            eps, grad, energy = guided_step_eps(backbone, guidance, x, t, y, cfg_scale, share_prefix)
             guided = guided_eps(eps, grad, guidance.gamma, a_t)
             # the guidance strength users compare across layers, poolings and kernels (results.json)
             strength = (guided - eps).flatten(1).norm(dim=1) / eps.flatten(1).norm(dim=1).clamp_min(1e-12)
             eps = guided
+        else:
+            with torch.no_grad():
+                eps = backbone.eps(x, t, y, cfg_scale)
         if trace is not None:
             trace.append(StepInfo(t, energy, strength))
         z = None

@@ -182,3 +182,23 @@ def read_tensorboard(folder: Path) -> dict[str, list[tuple[int, float]]]:
                 if field == "simple_value":
                     out[v.tag].append((int(event.step), float(v.simple_value)))
     return out
+
+
+def check_shared_prefix(bb, x: torch.Tensor, y: torch.Tensor, layer: str, t: int) -> None:
+    """eps_with_features gives the CFG eps and the conditional branch's layer output of separate passes,
+    and the guidance gradient through it equals the one through the separate guidance forward."""
+    for cfg in (1.0, 2.0):
+        with torch.no_grad():
+            eps_ref = bb.eps(x, t, y, cfg)
+        feats_ref = bb.features(x, t, y, [layer])[layer]
+        with torch.enable_grad():
+            xs = x.clone().requires_grad_(True)
+            eps, feats = bb.eps_with_features(xs, t, y, cfg, layer)
+            assert not eps.requires_grad and feats.requires_grad and torch.is_grad_enabled()
+            (g_shared,) = torch.autograd.grad(feats.square().sum(), xs)
+            xr = x.clone().requires_grad_(True)
+            (g_ref,) = torch.autograd.grad(bb.features(xr, t, y, [layer])[layer].square().sum(), xr)
+        torch.testing.assert_close(eps, eps_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(feats.detach(), feats_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g_shared, g_ref, rtol=1e-4, atol=1e-5)
+

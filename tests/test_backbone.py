@@ -11,6 +11,7 @@ from dap_ray.backbones import load_backbone, model_fingerprint, pool_features
 from dap_ray.backbones.dit import DIGITS_DIT_DIR, DiTBackbone
 from dap_ray.data.types import ClassInfo
 from dap_ray.errors import ConfigError, UnsafeWeightsError, UserError
+from tests.conftest import check_shared_prefix
 
 pytestmark = pytest.mark.unit
 
@@ -238,3 +239,16 @@ def test_meta_copy_checks_weights_against_config_from_headers(tiny_dit_dir, tmp_
     (bad / "transformer" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="could not load the DiT transformer"):
         load_backbone({"type": "dit", "path": str(bad)}, "meta")
+
+
+def test_eps_with_features_shares_the_conditional_prefix(bb):
+    x = torch.randn(3, *bb.latent_shape, generator=torch.Generator().manual_seed(0))
+    check_shared_prefix(bb, x, torch.tensor([0, 3, 3]), "1", 600)
+    calls: list[int] = []
+    h = bb.layer_module("0").register_forward_hook(lambda _m, _i, o: calls.append(o.shape[0]))
+    try:
+        with torch.enable_grad():
+            bb.eps_with_features(x.clone().requires_grad_(True), 600, torch.tensor([0, 3, 3]), 2.0, "1")
+    finally:
+        h.remove()
+    assert calls == [6]  # one doubled CFG forward: the guidance pass did not run the prefix again

@@ -202,6 +202,29 @@ def test_a_batch_of_several_classes_renders_what_one_class_batches_render(digits
 
 
 @pytest.mark.integration
+def test_guided_steps_share_the_cfg_forward_and_sample_the_same(digits_bank):
+    """DAP's guided steps take the guidance layer from the CFG forward (share_prefix, the default): the
+    latents equal those of a separate guidance pass, and each guided step runs the prefix blocks once."""
+    bank, bb, _ = digits_bank
+    y = torch.tensor([0, 1, 1, 0])
+    x = torch.stack([initial_noise(bb.latent_shape, 0, "s", int(c), i) for i, c in enumerate(y)])
+    guidance = DAPGuidance(bank, "2", "linear", 20.0, 0, "tokens")
+    calls: list[int] = []
+    h = bb.layer_module("0").register_forward_hook(lambda _m, _i, o: calls.append(1))
+    try:
+        shared = sample_latents(bb, x, y, steps=10, cfg_scale=2.0, guidance=guidance)
+        n_shared, calls[:] = len(calls), []
+        separate = sample_latents(bb, x, y, steps=10, cfg_scale=2.0, guidance=guidance, share_prefix=False)
+        n_separate = len(calls)
+    finally:
+        h.remove()
+    guided = sum(guidance.applies(t) for t in schedule(bb, 10))
+    assert guided > 0 and n_shared == 10 and n_separate == 10 + guided
+    torch.testing.assert_close(shared, separate, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(shared, sample_latents(bb, x, y, steps=10, cfg_scale=2.0), atol=1e-3)  # it did guide
+
+
+@pytest.mark.integration
 def test_rbf_moves_samples_as_far_from_vanilla_as_linear(digits_bank):
     """At equal γ the RBF kernel's samples differ from vanilla's by the same order as the linear kernel's
     (before the σ² scaling and the median bandwidth the RBF step was 1e-4..1e-2 of the linear one)."""

@@ -16,7 +16,7 @@ from PIL import Image
 from dap_ray.backbones import load_backbone
 from dap_ray.data.types import ClassInfo
 from dap_ray.errors import ConfigError, UnsafeWeightsError, UserError
-from tests.conftest import small_overrides
+from tests.conftest import check_shared_prefix, small_overrides
 
 pytestmark = pytest.mark.unit
 
@@ -185,6 +185,13 @@ def test_features_are_differentiable_wrt_latents(sd):
     f = sd.features(x, 700, torch.tensor([0, 1]), ["mid"])["mid"]  # (2, 16, 16)
     (g,) = torch.autograd.grad(f.square().sum(), x)
     assert g.shape == x.shape and g.abs().sum() > 0
+
+
+def test_eps_with_features_shares_the_conditional_prefix(sd):
+    """The guidance layer taken from the CFG forward (down, mid and up blocks: skips from taped blocks
+    into untaped ones) equals the separate guidance pass, gradient included."""
+    for layer in ("down_1", "mid", "up_0"):
+        check_shared_prefix(sd, _latents(2, seed=1), torch.tensor([0, 1]), layer, 500)
 
 
 def test_unknown_layer_lists_the_valid_ones(sd):

@@ -296,6 +296,36 @@ class Backbone(ABC):
         cond, uncond = both.chunk(2)
         return uncond + cfg_scale * (cond - uncond)
 
+    def eps_with_features(self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor, cfg_scale: float,
+                          layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """`eps` and the conditional branch's `layer` output from the same forward: (eps (B,C,h,w) without
+        grad, features (B, tokens, dim) differentiable w.r.t. x).
+
+        The guidance pass needs the conditional forward up to `layer` with autograd; the CFG forward runs
+        those very blocks on the same (x, t, y). Taping them once instead of running them twice is exact:
+        the blocks up to `layer` run with grad, and grad is switched off inside `layer`'s forward hook so
+        the blocks after it (and the unconditional branch, when it runs after) record nothing. Call it
+        under torch.enable_grad() with x requiring grad."""
+        layer = self.check_layers([layer])[0]
+        b = x.shape[0]
+        captured: list[torch.Tensor] = []
+
+        def hook(_module, _inputs, output):
+            if not captured:  # the conditional branch (first, or the first half of a doubled batch)
+                captured.append(as_tokens(output))
+                torch.set_grad_enabled(False)  # the rest of the forward(s): no tape
+
+        handle = self.layer_module(layer).register_forward_hook(hook)
+        grad_was = torch.is_grad_enabled()
+        try:
+            eps = self.eps(x, t, y, cfg_scale)
+        finally:
+            torch.set_grad_enabled(grad_was)
+            handle.remove()
+        if not captured:
+            raise RuntimeError(f"layer {layer!r} did not run in the forward")
+        return eps.detach(), captured[0][:b]  # a doubled CFG batch taped both halves; the first is conditional
+
     def _forward_pair(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Conditional and unconditional predictions stacked (2B, ...). Backbones may batch this."""
         return torch.cat([self._forward(x, t, y, uncond=False), self._forward(x, t, y, uncond=True)])

@@ -91,6 +91,10 @@ class DAPGuidance:
 
     def energy(self, backbone, x_t: torch.Tensor, t: int, y: torch.Tensor) -> torch.Tensor:
         feats = backbone.features(x_t, t, y, [self.layer])[self.layer]  # (B, tokens, dim)
+        return self.energy_of_features(backbone, feats, t, y)
+
+    def energy_of_features(self, backbone, feats: torch.Tensor, t: int, y: torch.Tensor) -> torch.Tensor:
+        """(B,) energies of the guidance layer's outputs feats (B, tokens, dim), each against its own class."""
         phi = pool_features(feats, self.pooling).float()  # (B, D)
         energy = torch.zeros(len(y), device=phi.device)
         for label in y.unique().tolist():  # a batch spans one or more classes

@@ -122,9 +122,13 @@ class SemanticGuidance:
         return self._targets[t]
 
     def energy(self, backbone, x_t: torch.Tensor, t: int, y: torch.Tensor) -> torch.Tensor:
-        if x_t.shape[0] != self.z_inh.shape[0]:
-            raise ValueError(f"guidance bound to {self.z_inh.shape[0]} images, got a batch of {x_t.shape[0]}")
-        phi = pool_features(backbone.features(x_t, t, y, [self.layer])[self.layer], self.pooling).float()  # (B, D)
+        return self.energy_of_features(backbone, backbone.features(x_t, t, y, [self.layer])[self.layer], t, y)
+
+    def energy_of_features(self, backbone, feats: torch.Tensor, t: int, y: torch.Tensor) -> torch.Tensor:
+        """(B,) energies of the guidance layer's outputs feats (B, tokens, dim) against the inherited targets."""
+        if feats.shape[0] != self.z_inh.shape[0]:
+            raise ValueError(f"guidance bound to {self.z_inh.shape[0]} images, got a batch of {feats.shape[0]}")
+        phi = pool_features(feats, self.pooling).float()  # (B, D)
         diff = phi - self.target(backbone, t, y)
         return (diff * diff).sum(-1) / diff.shape[-1]  # (B,)
 
