@@ -429,6 +429,9 @@ class SamplerPool:
     ready actor (same seeds => same bytes, same names => no duplicates; its rows are taken once,
     from the attempt that finished), and a replacement is asked for; if no node has room for the
     replacement the pool goes on with the actors that remain, and a node that joins later gets it.
+    Actors write an item's PNGs while they sample the next (`render_for`): an item counts as done once
+    its actor has answered the next render or the final flush, and one whose actor died before that is
+    redone like a lost item (only its missing files are written; its rows are not taken twice).
     With no actor ready and items left, the pool says which resources it waits for and raises a
     UserError after `placement_timeout_s`. Use as a context manager, or call `close()`."""
 
