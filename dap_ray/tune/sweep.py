@@ -125,6 +125,7 @@ def make_tuner(cfg: Any, dims: Sequence[Dim], setup: SweepSetup, storage: str, r
 
 def run(cfg_raw: Any) -> int:
     """Validate → bank(s) once → Tuner (new or restored) → table, plots, best override, final test."""
+    import ray
     from ray import tune
 
     t_start = time.time()
@@ -182,8 +183,8 @@ def run(cfg_raw: Any) -> int:
         bank_keys=tuple(k for k in BANK_KEYS if k in {d.key for d in dims}),
         banks=banks,
         dataset=DatasetSplits(sweep_ds.name, sweep_ds.root, sweep_ds.classes, sweep_ds.train, val_recs),
-        val_images=val_imgs,
-        val_labels=np.asarray([val_recs[i].label for i in ok], np.int64),
+        val_images=ray.put(val_imgs),
+        val_labels=ray.put(np.asarray([val_recs[i].label for i in ok], np.int64)),
         trials_dir=f"{out_dir}/trials",
         sampler_actors=int(t.sampler_actors),
     )

@@ -62,8 +62,10 @@ class SweepSetup:
     bank_keys: tuple[str, ...]  # swept keys that select the bank
     banks: dict[str, tuple[str, Any]]  # bank id -> (bank path, BankSpec)
     dataset: DatasetSplits  # train = the bank's images; test = the validation records
-    val_images: np.ndarray  # uint8 (N, R, R, 3) at eval.resolution
-    val_labels: np.ndarray  # int64 (N,)
+    # ObjectRefs of the validation images, uint8 (N, R, R, 3) at eval.resolution, and labels int64 (N,),
+    # put once by the driver: every trial and every net reads the same copy (3 GB at ImageNet-1K 224 px)
+    val_images: Any
+    val_labels: Any
     trials_dir: str  # <out_dir>/trials: images and markers of each trial
     sampler_actors: int  # 0 = in-process sampling
 
@@ -281,12 +283,13 @@ def run_trial(config: dict, setup: SweepSetup) -> None:
 
     if len(archs) == 1:
         device = "cuda" if t.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
-        train_reporting(imgs, labels, setup.val_images, setup.val_labels, archs[0], tcs[archs[0]], int(cfg.seed), device,
+        val_images, val_labels = ray.get([setup.val_images, setup.val_labels])
+        train_reporting(imgs, labels, val_images, val_labels, archs[0], tcs[archs[0]], int(cfg.seed), device,
                         lambda e, a: report(e, {archs[0]: a}))
         return
     gpus = gpus_per_net(t)
     actor = ray.remote(NetTrainer).options(num_cpus=float(t.cpus_per_net), num_gpus=gpus, max_restarts=0)
-    data = [ray.put(a) for a in (imgs, labels, setup.val_images, setup.val_labels)]  # one copy in the store for every net
+    data = [ray.put(imgs), ray.put(labels), setup.val_images, setup.val_labels]  # one copy in the store for every net
     nets = [actor.remote(*data, a, tcs[a], int(cfg.seed), int(max(1.0, float(t.cpus_per_net))), gpus > 0) for a in archs]
     try:
         while True:
