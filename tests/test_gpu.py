@@ -17,11 +17,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from benchmarks.guidance_scaling import ExactGuidance
 from dap_ray.data import get_class_list
 from dap_ray.data.types import ClassInfo
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
+EXACT_N = (100, 1000)  # real features resident in the control (the exact energy), small and large
 CLASSES = [ClassInfo(i, wnid, name) for i, (wnid, name) in enumerate(get_class_list("imagenette")[:2])]
 
 # The published configurations (DiT-XL-2-256, runwayml/stable-diffusion-v1-5), not shrunk.
@@ -100,6 +102,17 @@ def run_dap(model_cfg: dict, device: str, dtype: torch.dtype, *, n_small: int = 
         assert len(guided) >= steps - 1 and all(s.energy is not None and torch.isfinite(s.energy).all() for s in guided)
         assert not torch.equal(lat_dap, lat)
         out[f"stats_shape_n{n}"] = tuple(bank.class_stats(layer, 0, ts[0])["mean"].shape)
+    # The control: the exact energy over N resident real features of the sampled class (N = 100, 1,000),
+    # whose memory does grow with N. It shows the probe would see growth of that size.
+    dim = out["feature_dim"]
+    for n in EXACT_N:
+        real = torch.randn((n, dim), generator=torch.Generator(device=bb.device).manual_seed(n), device=bb.device)  # (N, D)
+        ge = ExactGuidance({0: real}, layer, 5.0, 0, "tokens")
+        peak_reset()
+        lat_exact = sample_latents(bb, noise, y, steps, cfg_scale=2.0, guidance=ge)
+        out[f"peak_exact_n{n}"] = peak()
+        assert torch.isfinite(lat_exact).all()
+        del ge, real
     out["weights_resident"] = base
     return out
 
@@ -109,15 +122,21 @@ def _report(name: str, res: dict) -> str:
     lines = [f"{name}: resolution {res['resolution']}, latent {res['latent_shape']}, layer {res['layer']}, D={res['feature_dim']}"]
     if res.get("peak_vanilla") is not None:
         lines.append(f"  weights resident {res['weights_resident'] / gib:.2f} GiB; peak vanilla {res['peak_vanilla'] / gib:.2f} GiB; "
-                     + "; ".join(f"peak DAP with {k[10:]} real/class {v / gib:.2f} GiB" for k, v in res.items() if k.startswith("peak_dap_")))
+                     + "; ".join(f"peak DAP with {k[10:]} real/class {v / gib:.2f} GiB" for k, v in res.items() if k.startswith("peak_dap_"))
+                     + "; " + "; ".join(f"peak exact form with {k[12:]} real {v / gib:.2f} GiB" for k, v in res.items()
+                                        if k.startswith("peak_exact_")))
     return "\n".join(lines)
 
 
 def _check_and_report(name: str, res: dict, n_small: int = 2, n_large: int = 8) -> None:
     assert res[f"stats_shape_n{n_small}"] == res[f"stats_shape_n{n_large}"] == (res["feature_dim"],)
     small, large = res[f"peak_dap_n{n_small}"], res[f"peak_dap_n{n_large}"]
-    # Same graph, same inputs: DAP's peak memory must not grow with the number of real images.
-    assert abs(large - small) <= 0.01 * small, (small, large)
+    exact_small, exact_large = res[f"peak_exact_n{EXACT_N[0]}"], res[f"peak_exact_n{EXACT_N[1]}"]
+    resident_growth = (EXACT_N[1] - EXACT_N[0]) * res["feature_dim"] * 4  # float32 features held by the exact form
+    # The probe sees N: the exact form's peak grows by at least half of what it holds for the extra features ...
+    assert exact_large - exact_small >= 0.5 * resident_growth, (exact_small, exact_large, resident_growth)
+    # ... and DAP's does not: its peak moves by less than a tenth of that, and by at most 1 %.
+    assert abs(large - small) <= min(0.01 * small, 0.1 * resident_growth), (small, large, resident_growth)
     print(_report(name, res))
     if os.environ.get("DAP_RAY_GPU_REPORT"):
         with open(os.environ["DAP_RAY_GPU_REPORT"], "a") as f:
