@@ -1,4 +1,4 @@
-"""Guided DDIM sampling: the loop (pure torch) and the Ray actor pool that runs it per class.
+"""Guided DDIM sampling: the loop (pure torch) and the Ray actor pool that runs it batch by batch.
 
 The loop is DDIM with classifier-free guidance; a `Guidance` (DAP's energy, DIVER's semantic term)
 may add γ·√(1−ᾱ_t)·∇_{x_t}E to the predicted noise on the steps it applies to. Initial noise for
