@@ -306,8 +306,8 @@ class Backbone(ABC):
         the blocks up to `layer` run with grad, and grad is switched off inside `layer`'s forward hook so
         the blocks after it (and the unconditional branch, when it runs after) record nothing. Call it
         under torch.enable_grad() with x requiring grad. A doubled CFG batch tapes the unconditional half's
-        prefix too (its activations are held until the backward, never differentiated): at DiT-XL/2, batch
-        64 and layer 14 about 5 GB more than a separate guidance pass holds, for one forward less."""
+        prefix too (its activations are held until the backward, never differentiated): the activation
+        memory of a second B-image prefix, traded for one prefix forward less per guided step."""
         layer = self.check_layers([layer])[0]
         b = x.shape[0]
         captured: list[torch.Tensor] = []
