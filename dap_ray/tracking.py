@@ -269,6 +269,10 @@ def write_wandb(project: str, run_dir: str, payload: Mapping[str, Any], files: S
             where = str(run.url or f"{run_dir.rstrip('/')}/{WANDB_DIR}")
         finally:
             run.finish()
+            # finish() returns before wandb-core has written the run's transaction log (run-<id>.wandb, what
+            # `wandb sync` uploads offline); teardown waits for it, so the folder is complete when we copy
+            # it to an object store or the command exits
+            wandb.teardown()
         if remote:
             fs.put(f"{local}/{WANDB_DIR}", f"{rp}/{WANDB_DIR}", recursive=True)
     finally:
