@@ -151,16 +151,42 @@ def tune_callbacks(tracking: Any) -> list[Any]:
     out: list[Any] = []
     if tracking.mlflow is not None:
         _import_backend("mlflow", tracking.mlflow)
+        from ray.air.constants import TRAINING_ITERATION
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-        out.append(MLflowLoggerCallback(tracking_uri=str(tracking.mlflow), experiment_name=str(tracking.mlflow_experiment),
-                                        tags={"dap_ray": "tune"}))
+        class TrialMLflow(MLflowLoggerCallback):
+            """Ray's callback with each report's keys made storable by every MLflow store (mlflow_metrics)."""
+
+            def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+                self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=mlflow_metrics(result),
+                                             step=result.get("timesteps_total") or result[TRAINING_ITERATION])
+
+        out.append(TrialMLflow(tracking_uri=str(tracking.mlflow), experiment_name=str(tracking.mlflow_experiment), tags={"dap_ray": "tune"}))
     if tracking.wandb is not None:
         _import_backend("wandb", tracking.wandb)
         from ray.air.integrations.wandb import WandbLoggerCallback
 
         out.append(WandbLoggerCallback(project=str(tracking.wandb)))  # WANDB_MODE, WANDB_ENTITY from the environment
     return out
+
+
+def mlflow_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """A trial's report as MLflow metrics: flattened with '/', numbers only, keys MLflow accepts. A key
+    under another key (val_acc/convnet beside val_acc) takes '.' instead (val_acc.convnet): MLflow's
+    file store keeps each metric as a file named by its key, and no file val_acc can also be a folder."""
+    flat: dict[str, float] = {}
+
+    def walk(d: Mapping[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, Mapping):
+                walk(v, f"{prefix}{k}/")
+            elif isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and np.isfinite(v):
+                flat[mlflow_key(f"{prefix}{k}")] = float(v)
+
+    walk(result, "")
+    parents = {k.rsplit("/", i)[0] for k in flat for i in range(1, k.count("/") + 1)}
+    clash = parents & set(flat)
+    return {(k.replace("/", ".") if any(k.startswith(f"{c}/") for c in clash) else k): v for k, v in flat.items()}
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
