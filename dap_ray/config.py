@@ -164,6 +164,13 @@ class TrackingConfig:
     trial (Ray Tune's logger, under tune.storage_path); this switches them on for distill/evaluate runs."""
 
     tensorboard: bool = False  # TensorBoard events under <out_dir>/tensorboard: accuracies, training curves, guidance strength, image grids
+    # MLflow (pip install 'dap_ray[mlflow]'): null = off, else a tracking URI (http(s)://server, databricks,
+    # sqlite:///mlflow.db, file:///abs/mlruns, ...). A run logs one MLflow run; a sweep one MLflow run per trial.
+    mlflow: str | None = None
+    mlflow_experiment: str = "dap_ray"  # the MLflow experiment the runs go to (created when missing)
+    # Weights & Biases (pip install 'dap_ray[wandb]'): null = off, else the W&B project. WANDB_MODE=offline
+    # keeps everything in <out_dir>/wandb (wandb sync uploads it later); online needs WANDB_API_KEY or `wandb login`.
+    wandb: str | None = None
 
 
 @dataclass
@@ -234,6 +241,27 @@ def _choice(key: str, value: object, allowed: tuple[str, ...] | list[str]) -> No
     _check(value in allowed, key, value, f"one of {', '.join(allowed)}")
 
 
+#: Schemes of MLflow tracking URIs (a plain path is a file store too); anything else is a typo, caught
+#: before the run rather than when the report is written hours later.
+MLFLOW_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
+SWITCH_WORDS = ("true", "false", "yes", "no", "on", "off")  # what `tracking.mlflow=true` becomes in a str field
+
+
+def validate_tracking(t: Any) -> None:
+    """tracking.*: a switch that takes a URI or a project says so when given a bare true/false."""
+    uri = t.mlflow
+    if uri is not None:
+        scheme = str(uri).split("://", 1)[0].lower() if "://" in str(uri) else ""
+        _check(bool(str(uri).strip()) and str(uri).lower() not in SWITCH_WORDS
+               and (scheme in MLFLOW_SCHEMES or "://" not in str(uri)), "tracking.mlflow", uri,
+               f"null (off) or an MLflow tracking URI ({', '.join(s + '://...' for s in MLFLOW_SCHEMES[:6])}, databricks, "
+               "or a local folder)")
+        _check(bool(str(t.mlflow_experiment).strip()), "tracking.mlflow_experiment", t.mlflow_experiment, "a non-empty experiment name")
+    if t.wandb is not None:
+        _check(bool(str(t.wandb).strip()) and str(t.wandb).lower() not in SWITCH_WORDS and "/" not in str(t.wandb),
+               "tracking.wandb", t.wandb, "null (off) or a W&B project name (the entity comes from WANDB_ENTITY)")
+
+
 def validate(cfg: Any) -> None:
     """Range checks that need no model. Raises ConfigError naming the key, value and allowed range."""
     _check(cfg.ipc >= 1, "ipc", cfg.ipc, "an integer >= 1")
@@ -275,6 +303,7 @@ def validate(cfg: Any) -> None:
     _check(m.diver_start_t >= 0, "method.diver_start_t", m.diver_start_t, "an integer in [0, T]")
     _check(m.diver_fusion_t >= 0, "method.diver_fusion_t", m.diver_fusion_t, "an integer in [0, T]")
     _check(m.diver_gamma >= 0, "method.diver_gamma", m.diver_gamma, "a number >= 0")
+    validate_tracking(cfg.tracking)
     s = cfg.sampler
     _check(1 <= s.steps <= 1000, "sampler.steps", s.steps, "an integer in [1, 1000]")
     _check(0.0 <= s.eta <= 1.0, "sampler.eta", s.eta, "a number in [0, 1]")

@@ -32,6 +32,7 @@ from dap_ray.config import (
 from dap_ray.errors import UserError
 from dap_ray.sampling import guidance_strength
 from dap_ray.storage import expand, write_bytes
+from dap_ray.tracking import check_tracking
 
 if TYPE_CHECKING:
     from dap_ray.data.types import ClassInfo
@@ -129,6 +130,7 @@ def prepare(cfg_raw: Any) -> tuple[Any, Any, Any]:
 
     cfg = to_structured(cfg_raw)
     validate(cfg)
+    check_tracking(cfg.tracking)  # a tracking switch without its package: exit 2 now, not at the report
     resolve_dtype(cfg)  # sampler.dtype=auto -> bf16 / fp32, once, for every actor, hash and cache key
     resolve_cfg_scale(cfg)  # sampler.cfg_scale=null -> the model's own (model.cfg_scale)
     check_locations(cfg)
@@ -155,6 +157,7 @@ def run(cfg_raw: Any) -> int:
 
         cfg = to_structured(cfg_raw)
         validate(cfg)
+        check_tracking(cfg.tracking)
         print(rebuild_report(expand(cfg.out_dir)))
         print(f"report: {expand(cfg.out_dir)}/report.md")  # the last line: where to look
         return 0

@@ -20,6 +20,7 @@ from dap_ray.cli import run_main
 from dap_ray.config import EvaluateConfig, to_structured, validate
 from dap_ray.errors import ConfigError, UserError
 from dap_ray.storage import expand
+from dap_ray.tracking import check_tracking
 
 log = logging.getLogger("dap_ray.evaluate")
 
@@ -33,6 +34,7 @@ def run(cfg_raw: Any) -> int:
 
     cfg = to_structured(cfg_raw, EvaluateConfig)
     validate(cfg)
+    check_tracking(cfg.tracking)  # a tracking switch without its package: exit 2 now, not after the trainings
     if list(cfg.stages) == ["report"]:  # the report of an earlier evaluation in out_dir, drawn again; nothing trained
         print(rebuild_report(expand(cfg.out_dir)))
         print(f"report: {expand(cfg.out_dir)}/report.md")  # the last line: where to look

@@ -30,7 +30,7 @@ from dap_ray.data.types import ClassInfo
 from dap_ray.errors import ConfigError, UserError
 from dap_ray.runtime import check_storage
 from dap_ray.stats import mean_ci
-from dap_ray.tracking import write_tensorboard
+from dap_ray.tracking import write_mlflow, write_tensorboard, write_wandb
 
 log = logging.getLogger(__name__)
 
@@ -521,6 +521,16 @@ def write_report(cfg: Any, run_dir: str, results: dict, extra: dict | None = Non
     if cfg.tracking.tensorboard:
         tb = write_tensorboard(run_dir, payload, {m: f"{plots}/grid_{slug(m)}.png" for m in methods}, OmegaConf.to_yaml(cfg, resolve=True))
         log.info("TensorBoard events in %s: tensorboard --logdir %s", tb, tb)
+    t = cfg.tracking
+    if t.mlflow is not None or t.wandb is not None:
+        # the same payload as TensorBoard's, plus the files a reader of the run opens first
+        files = [f"{run_dir}/results.json", f"{run_dir}/report.md"]
+        files += [f"{plots}/{p.rsplit('/', 1)[-1]}" for p in sorted(fs.glob(f"{rp}/plots/*.png"))]
+        if t.mlflow is not None:
+            run_id = write_mlflow(str(t.mlflow), str(t.mlflow_experiment), run_dir, payload, files)
+            log.info("MLflow: run %s in experiment %s at %s", run_id, t.mlflow_experiment, t.mlflow)
+        if t.wandb is not None:
+            log.info("W&B: %s", write_wandb(str(t.wandb), run_dir, payload, files))
     return table
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -209,3 +210,33 @@ def test_sampler_dtype_auto_is_bf16_on_gpu_actors_and_fp32_on_cpu():
     assert resolve_dtype(to_structured(compose("distill", ["runtime=gpu", "sampler.dtype=fp32"]))) == "fp32"
     with pytest.raises(ConfigError, match="sampler.dtype.*one of auto, fp32, bf16, fp16"):
         validate(to_structured(compose("distill", ["sampler.dtype=half"])))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("override,key,allowed", [
+    ("tracking.mlflow=true", "tracking.mlflow", "MLflow tracking URI"),
+    ("tracking.mlflow=s3://bucket/mlruns", "tracking.mlflow", "null (off)"),
+    ("tracking.mlflow_experiment=''", "tracking.mlflow_experiment", "non-empty"),
+    ("tracking.wandb=false", "tracking.wandb", "W&B project name"),
+    ("tracking.wandb=team/project", "tracking.wandb", "WANDB_ENTITY"),
+])
+def test_tracking_switches_name_key_value_and_allowed(override, key, allowed):
+    extra = ["tracking.mlflow=http://localhost:5000"] if "experiment" in override else []
+    with pytest.raises(ConfigError, match=re.escape(key)) as e:
+        validate(to_structured(compose("distill", [override, *extra])))
+    assert e.value.key == key and allowed in e.value.allowed
+
+
+@pytest.mark.unit
+def test_tracking_unknown_key_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match="tracking.mlflw") as e:
+        compose("distill", ["tracking.mlflw=http://x"])
+    assert "mlflow, mlflow_experiment, tensorboard, wandb" in e.value.allowed
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("uri", ["http://mlflow.internal:5000", "file:///data/mlruns", "sqlite:///mlflow.db", "databricks", "mlruns"])
+def test_tracking_mlflow_accepts_tracking_uris(uri):
+    cfg = to_structured(compose("distill", [f"tracking.mlflow={uri}", "tracking.wandb=dap-ray"]))
+    validate(cfg)
+    assert cfg.tracking.mlflow == uri and cfg.tracking.wandb == "dap-ray"

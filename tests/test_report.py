@@ -236,3 +236,127 @@ def test_tensorboard_events_hold_accuracies_curves_strength_and_grids(tmp_path):
     run2 = tmp_path / "run2"
     write_report(_cfg(run2), str(run2), {"rows": rows, "classes": CLASSES})
     assert not (run2 / "tensorboard").exists()
+
+
+def _tracked_run(tmp_path: Path, *overrides: str) -> tuple[Path, list[dict], dict, dict]:
+    """A run folder as a run leaves it, reported with the given tracking overrides: (run, rows, gs, results.json)."""
+    run = tmp_path / "run"
+    for m in METHODS:
+        for c in CLASSES:
+            _image(run / m / "images" / c.key / "00000.png", 16, c.index)
+    rows = _rows(1)
+    gs = {"dap": {"mean": 0.1, "per_step": {"900": 0.2, "500": 0.1, "100": 0.05}, "images": 4}}
+    write_report(_cfg(run, *overrides), str(run), {"rows": rows, "classes": CLASSES}, {"guidance_strength": gs})
+    return run, rows, gs, json.loads((run / "results.json").read_text())
+
+
+@pytest.mark.integration
+def test_mlflow_run_holds_config_accuracies_curves_and_plots(tmp_path, monkeypatch):
+    """tracking.mlflow=<file store>: one MLflow run, read back with MlflowClient: the flattened resolved
+    config as params, every accuracy of results.json (mean per method × net, each seed), the curves and
+    guidance strength with their steps, and the plot PNGs, results.json and report.md as artifacts."""
+    pytest.importorskip("mlflow", reason="the mlflow extra: pip install 'dap_ray[mlflow]'")
+    from mlflow.tracking import MlflowClient
+
+    # MLflow 3 keeps its file store in maintenance mode and refuses it unless this is set; a file store
+    # is the one backend that needs neither a server nor SQLAlchemy
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = f"file://{tmp_path}/mlruns"
+    run, rows, _, results = _tracked_run(tmp_path, f"tracking.mlflow={uri}", "tracking.mlflow_experiment=digits")
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("digits")
+    found = client.search_runs([exp.experiment_id])
+    assert len(found) == 1
+    r = client.get_run(found[0].info.run_id)
+    assert r.info.status == "FINISHED" and r.data.tags["dap_ray.run_dir"] == str(run)
+    p = r.data.params
+    assert p["ipc"] == "10" and p["eval.archs"] == str(list(ARCHS)) and p["method.gamma"] == str(results["config"]["method"]["gamma"])
+    def leaves(d: dict) -> int:
+        return sum(leaves(v) if isinstance(v, dict) else 1 for v in d.values())
+
+    assert p["tracking.mlflow"] == uri and len(p) == leaves(results["config"]) > 50  # every key of the resolved config
+    for cell, s in results["summary"].items():
+        assert r.data.metrics[f"accuracy/{cell}"] == pytest.approx(s["mean"], abs=1e-6)
+        hist = client.get_metric_history(r.info.run_id, f"accuracy_per_seed/{cell}")
+        assert sorted((m.step, m.value) for m in hist) == [(int(s_), pytest.approx(a, abs=1e-6)) for s_, a in enumerate(s["accs"])]
+    first = next(x for x in rows if (x["method"], x["arch"], x["seed"]) == ("dap", "convnet", 0))
+    curve = client.get_metric_history(r.info.run_id, "curve/dap/convnet/seed0")
+    assert sorted((m.step, m.value) for m in curve) == [(e, pytest.approx(100 * a, abs=1e-4)) for e, a in first["history"]]
+    gs = client.get_metric_history(r.info.run_id, "guidance_strength/dap")
+    assert sorted((m.step, m.value) for m in gs) == [(0, pytest.approx(0.2)), (1, pytest.approx(0.1)), (2, pytest.approx(0.05))]
+    top = {a.path for a in client.list_artifacts(r.info.run_id)}
+    plots = {a.path for a in client.list_artifacts(r.info.run_id, "plots")}
+    assert {"results.json", "report.md", "plots"} <= top
+    assert {f"plots/{f.name}" for f in (run / "plots").glob("*.png")} == plots and "plots/accuracy.png" in plots
+
+
+def _wandb_records(path: Path) -> list:
+    """The protobuf records of a W&B run's transaction log (<run>/run-<id>.wandb), the file `wandb sync`
+    uploads: an offline run writes no wandb-summary.json, this is its only record of what was logged.
+    Format: ':W&B' + 2-byte magic + version byte, then LevelDB log blocks of 32 KiB; each chunk has a
+    7-byte header (crc32c, length, type: 1 full, 2 first, 3 middle, 4 last). The CRC is not checked."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, buf, out = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if left < 7 or (n == 0 and kind == 0):  # block trailer / padding
+            pos += left
+            continue
+        buf += data[pos + 7:pos + 7 + n]
+        pos += 7 + n
+        if kind in (1, 4):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(buf)
+            out.append(rec)
+            buf = b""
+    return out
+
+
+@pytest.mark.integration
+def test_wandb_offline_run_holds_config_accuracies_curves_and_plots(tmp_path, monkeypatch):
+    """tracking.wandb=<project> with WANDB_MODE=offline: the run's W&B folder under <out_dir>/wandb holds
+    the resolved config, every accuracy (history and summary), the curves against `epoch`, the guidance
+    strength against `guidance_step` and the plot PNGs as images; nothing reaches the network."""
+    pytest.importorskip("wandb", reason="the wandb extra: pip install 'dap_ray[wandb]'")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))  # not the user's ~/.config/wandb
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    run, rows, _, results = _tracked_run(tmp_path, "tracking.wandb=dap-ray-test")
+    logs = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1
+    records = _wandb_records(logs[0])
+    kinds = [r.WhichOneof("record_type") for r in records]
+    assert "exit" in kinds  # the run was finished
+    info = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert info.project == "dap-ray-test" and info.display_name == "run"
+    config = {i.key: json.loads(i.value_json) for i in info.config.update}
+    assert config["ipc"] == 10 and config["eval"]["archs"] == list(ARCHS) and config["tracking"]["wandb"] == "dap-ray-test"
+    history = [{i.key or "/".join(i.nested_key): i.value_json for i in r.history.item} for r in records if r.WhichOneof("record_type") == "history"]
+    logged = {k: json.loads(v) for h in history for k, v in h.items() if k.startswith("accuracy")}
+    for cell, s in results["summary"].items():
+        assert logged[f"accuracy/{cell}"] == pytest.approx(s["mean"], abs=1e-6)
+        for seed, a in enumerate(s["accs"]):
+            assert logged[f"accuracy_per_seed/{cell}/seed{seed}"] == pytest.approx(a, abs=1e-6)
+    first = next(x for x in rows if (x["method"], x["arch"], x["seed"]) == ("dap", "convnet", 0))
+    curve = [(json.loads(h["epoch"]), json.loads(h["curve/dap/convnet/seed0"])) for h in history if "curve/dap/convnet/seed0" in h]
+    assert curve == [(e, pytest.approx(100 * a, abs=1e-4)) for e, a in first["history"]]
+    gs = [(json.loads(h["guidance_step"]), json.loads(h["guidance_strength/dap"])) for h in history if "guidance_strength/dap" in h]
+    assert gs == [(0, pytest.approx(0.2)), (1, pytest.approx(0.1)), (2, pytest.approx(0.05))]
+    # a wandb.Image is logged as its fields (plots/<name>/_type, .../path) and a copy under the run's files/
+    images = {k.rsplit("/", 1)[0]: h[k.rsplit("/", 1)[0] + "/path"] for h in history for k, v in h.items()
+              if k.startswith("plots/") and k.endswith("/_type") and json.loads(v) == "image-file"}
+    assert set(images) == {f"plots/{f.stem}" for f in (run / "plots").glob("*.png")} and "plots/accuracy" in images
+    assert all((logs[0].parent / "files" / json.loads(path)).is_file() for path in images.values())
+    # the summary (what W&B's run table compares) keeps the last value of each key: the accuracies
+    summary: dict = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "summary":
+            summary.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.summary.update})
+    assert summary["accuracy/dap/convnet"] == pytest.approx(results["summary"]["dap/convnet"]["mean"], abs=1e-6)

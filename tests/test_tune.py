@@ -334,3 +334,34 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(tiny_dit_dir, tmp_
         assert (out / "trials" / tid / "done.json").exists()
     assert (df["reports"] == 4).all()  # epochs 10, 20, 30, 40
     assert (out / "best_overrides.txt").exists() and not (out / "best_test").exists()  # tune.test_best=false
+
+
+@pytest.mark.integration
+def test_sweep_logs_one_mlflow_run_per_trial(tiny_dit_dir, tmp_path, cache_dir, ray_session, monkeypatch):
+    """tracking.mlflow on a sweep: Ray Tune's MLflowLoggerCallback logs each trial as its own MLflow run,
+    its knobs as params and every report (val_acc per eval_every epochs) as the metric's history."""
+    pytest.importorskip("mlflow", reason="the mlflow extra: pip install 'dap_ray[mlflow]'")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses its file store otherwise (see test_report)
+    uri = f"file://{tmp_path}/mlruns"
+    out = tmp_path / "sweep"
+    small = {"tune.space.method.t_stop.values": "[0]", "tune.space.method.layer.values": '["1"]', "tune.epochs": "2",
+             "tune.eval_every": "1", "tune.grace_period": "1", "tune.test_best": "false", "tune.scheduler": "fifo",
+             "tracking.mlflow": uri, "tracking.mlflow_experiment": "sweep"}
+    assert main(sweep_overrides(tiny_dit_dir, out, cache_dir, **small)) == 0
+    df = pd.read_csv(out / "results.csv", dtype={"trial_id": str})
+    assert len(df) == 2
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    assert len(runs) == 2
+    by_gamma = {float(r.data.params["method.gamma"]): r for r in runs}
+    assert set(by_gamma) == {2.0, 10.0} and all(r.info.status == "FINISHED" for r in runs)
+    for _, row in df.iterrows():
+        r = by_gamma[float(row["method.gamma"])]
+        hist = sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, "val_acc"))
+        assert len(hist) == int(row["reports"]) == 2
+        assert max(v for _, v in hist) == pytest.approx(float(row["val_acc_best"]))
+        # the net's own report beside the mean: val_acc/convnet as val_acc.convnet (a file store cannot hold both)
+        net = sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, "val_acc.convnet"))
+        assert [v for _, v in net] == pytest.approx([v for _, v in hist])

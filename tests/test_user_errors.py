@@ -130,3 +130,20 @@ def test_hub_id_found_in_the_local_cache_without_network(tmp_path, tiny_dit_dir)
                    tmp_path, env)
     _one_line_error(missing, "model.path=facebook/DiT-XL-2-256", "not in the Hugging Face cache", "hf download facebook/DiT-XL-2-256")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("switch,value,module", [("mlflow", "http://127.0.0.1:5000", "mlflow"), ("wandb", "dap-ray", "wandb")])
+def test_tracking_backend_not_installed_names_the_extra(tmp_path, tiny_dit_dir, switch, value, module):
+    """tracking.mlflow / tracking.wandb without its package: exit 2 and one line naming the extra, before
+    Ray starts or anything is written. The package is installed in the test venv, so its absence is
+    simulated in the child alone: a sitecustomize.py (run by `site` at start-up, before dap_ray) sets
+    sys.modules[<name>] = None, which makes every `import <name>` raise ImportError exactly as when the
+    package is missing, without touching the installed files."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(f"import sys\nsys.modules[{module!r}] = None\n")
+    out = tmp_path / "run"
+    proc = _run("dap_ray.distill", _tiny(tiny_dit_dir, tmp_path, out) + [f"tracking.{switch}={value}"], tmp_path,
+                {"PYTHONPATH": f"{site}:{REPO}"}, timeout=120)
+    _one_line_error(proc, f"tracking.{switch}={value!r}", f"pip install 'dap_ray[{switch}]'")
+    assert not out.exists()

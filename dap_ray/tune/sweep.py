@@ -37,6 +37,7 @@ from dap_ray.data.types import DatasetSplits
 from dap_ray.errors import UserError
 from dap_ray.runtime import check_storage, init_ray, resolve_actor_counts
 from dap_ray.storage import expand
+from dap_ray.tracking import check_tracking, tune_callbacks
 from dap_ray.tune.best import evaluate_best, write_best
 from dap_ray.tune.results import results_table, write_plots, write_table
 from dap_ray.tune.space import BANK_KEYS, Dim, check_candidates, plain, validate_tune
@@ -119,7 +120,8 @@ def make_tuner(cfg: Any, dims: Sequence[Dim], setup: SweepSetup, storage: str, r
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=search_alg, scheduler=scheduler, num_samples=int(t.num_samples),
                                     reuse_actors=bool(t.reuse_actors), trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=str(t.name), storage_path=storage, verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=int(t.max_failures))),
+                                  failure_config=tune.FailureConfig(max_failures=int(t.max_failures)),
+                                  callbacks=tune_callbacks(cfg.tracking)),  # MLflow / W&B per trial, when switched on
     )
 
 
@@ -131,6 +133,7 @@ def run(cfg_raw: Any) -> int:
     t_start = time.time()
     cfg = to_structured(cfg_raw, TuneConfig)
     validate(cfg)
+    check_tracking(cfg.tracking)  # a tracking switch without its package: exit 2 before the banks are built
     resolve_dtype(cfg)  # sampler.dtype=auto -> bf16 / fp32 once: trials and banks see the resolved name
     resolve_cfg_scale(cfg)  # sampler.cfg_scale=null -> model.cfg_scale, unless the space sweeps it
     dims = validate_tune(cfg)
