@@ -209,13 +209,18 @@ def test_a_net_trained_in_its_actor_reports_what_it_reports_alone(ray_session):
 
 
 @pytest.mark.integration
-def test_quick_sweep_end_to_end(tiny_dit_dir, tmp_path, cache_dir, ray_session, capsys):
+def test_quick_sweep_end_to_end(tiny_dit_dir, tmp_path, cache_dir, ray_session, capsys, monkeypatch):
+    from mlflow.tracking import MlflowClient
     from PIL import Image
 
     out = tmp_path / "sweep"
     t0 = time.time()
-    # two nets per trial (each an actor in the trial's placement group): 0.5 + 2 x 0.25 CPU, two trials at once
-    nets = {"tune.archs": "[convnet,resnetap10]", "tune.cpus_per_trial": "0.5", "tune.cpus_per_net": "0.25"}
+    # two nets per trial (each an actor in the trial's placement group): 0.5 + 2 x 0.25 CPU, two trials at once;
+    # tracking.mlflow: Ray Tune's MLflowLoggerCallback logs each trial as its own MLflow run
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses its file store otherwise (see test_report)
+    mlflow_uri = f"file://{tmp_path}/mlruns"
+    nets = {"tune.archs": "[convnet,resnetap10]", "tune.cpus_per_trial": "0.5", "tune.cpus_per_net": "0.25",
+            "tracking.mlflow": mlflow_uri, "tracking.mlflow_experiment": "sweep"}
     assert main(sweep_overrides(tiny_dit_dir, out, cache_dir, **nets)) == 0
     printed = capsys.readouterr().out
     assert "test accuracy of the best configuration" in printed and "mean over 2 nets: convnet" in printed
@@ -234,6 +239,11 @@ def test_quick_sweep_end_to_end(tiny_dit_dir, tmp_path, cache_dir, ray_session, 
     assert (df["reports"] >= 2).all()  # intermediate results: every eval_every epochs, ASHA's grace is 2 reports
     assert (df.loc[df["status"] == "completed", "epochs"] == 6).all()
     assert list(df["val_acc_best"]) == sorted(df["val_acc_best"], reverse=True)
+    client = MlflowClient(mlflow_uri)
+    mlflow_runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    runs = {(float(r.data.params["method.gamma"]), int(r.data.params["method.t_stop"]), str(r.data.params["method.layer"])): r
+            for r in mlflow_runs}
+    assert len(mlflow_runs) == len(runs) == 4  # one run per trial
     for tid in df["trial_id"]:  # Tune's own record of each trial holds the same intermediate reports
         progress = pd.read_csv(out / "ray_results" / "sweep" / f"trial_{tid}" / "progress.csv")
         assert len(progress) == int(df.loc[df["trial_id"] == tid, "reports"].iloc[0]) >= 2
@@ -244,6 +254,14 @@ def test_quick_sweep_end_to_end(tiny_dit_dir, tmp_path, cache_dir, ray_session, 
         for key in ("val_acc", "val_acc/convnet", "val_acc/resnetap10"):
             tag = next(t for t in events if t.endswith(f"tune/{key}"))
             assert [v for _, v in events[tag]] == pytest.approx(list(progress[key]))
+        # MLflow: the trial's run has its knobs as params and every report as the metric's history; a net's
+        # report is val_acc.<arch> there (MLflow's file store cannot hold val_acc and val_acc/<arch> side by side)
+        row = df.loc[df["trial_id"] == tid].iloc[0]
+        run = runs[(float(row["method.gamma"]), int(row["method.t_stop"]), str(row["method.layer"]))]
+        assert run.info.status == "FINISHED"
+        for key, column in (("val_acc", "val_acc"), ("val_acc.convnet", "val_acc/convnet"), ("val_acc.resnetap10", "val_acc/resnetap10")):
+            hist = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+            assert [v for _, v in hist] == pytest.approx(list(progress[column]))
 
     # the bank was built once on the driver, before any trial started, and never rebuilt
     sweep = json.loads((out / "sweep.json").read_text())
@@ -335,33 +353,3 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(tiny_dit_dir, tmp_
     assert (df["reports"] == 4).all()  # epochs 10, 20, 30, 40
     assert (out / "best_overrides.txt").exists() and not (out / "best_test").exists()  # tune.test_best=false
 
-
-@pytest.mark.integration
-def test_sweep_logs_one_mlflow_run_per_trial(tiny_dit_dir, tmp_path, cache_dir, ray_session, monkeypatch):
-    """tracking.mlflow on a sweep: Ray Tune's MLflowLoggerCallback logs each trial as its own MLflow run,
-    its knobs as params and every report (val_acc per eval_every epochs) as the metric's history."""
-    pytest.importorskip("mlflow", reason="the mlflow extra: pip install 'dap_ray[mlflow]'")
-    from mlflow.tracking import MlflowClient
-
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses its file store otherwise (see test_report)
-    uri = f"file://{tmp_path}/mlruns"
-    out = tmp_path / "sweep"
-    small = {"tune.space.method.t_stop.values": "[0]", "tune.space.method.layer.values": '["1"]', "tune.epochs": "2",
-             "tune.eval_every": "1", "tune.grace_period": "1", "tune.test_best": "false", "tune.scheduler": "fifo",
-             "tracking.mlflow": uri, "tracking.mlflow_experiment": "sweep"}
-    assert main(sweep_overrides(tiny_dit_dir, out, cache_dir, **small)) == 0
-    df = pd.read_csv(out / "results.csv", dtype={"trial_id": str})
-    assert len(df) == 2
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
-    assert len(runs) == 2
-    by_gamma = {float(r.data.params["method.gamma"]): r for r in runs}
-    assert set(by_gamma) == {2.0, 10.0} and all(r.info.status == "FINISHED" for r in runs)
-    for _, row in df.iterrows():
-        r = by_gamma[float(row["method.gamma"])]
-        hist = sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, "val_acc"))
-        assert len(hist) == int(row["reports"]) == 2
-        assert max(v for _, v in hist) == pytest.approx(float(row["val_acc_best"]))
-        # the net's own report beside the mean: val_acc/convnet as val_acc.convnet (a file store cannot hold both)
-        net = sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, "val_acc.convnet"))
-        assert [v for _, v in net] == pytest.approx([v for _, v in hist])
