@@ -1,4 +1,5 @@
-"""The Ray Data feature bank against a plain torch loop; determinism; bad files; Parquet; cache."""
+"""The Ray Data feature bank against a plain torch loop; determinism; bad files; Parquet; cache; an
+object store smaller than the chunks in flight."""
 
 from __future__ import annotations
 
