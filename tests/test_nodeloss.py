@@ -239,11 +239,24 @@ def trial_cluster():
 def _sweep_overrides(model_dir: Path, out: Path, cache: Path) -> list[str]:
     # Two trials (γ = 2 at t_stop 0 and 600; the layer each draws comes from the sweep's seed), one at a
     # time so that one has finished when the other is lost; FIFO: every trial runs all its epochs (ASHA
-    # would stop one or the other by which reported first); 40 epochs: a trial lasts long enough for the
-    # test to see it running; no final test (not what is tested here).
+    # would stop one or the other by which reported first); 100 epochs, a check every 25: a trial trains
+    # long enough after its first check for the test to take its node then; no final test (not what is
+    # tested here).
     return sweep_overrides(model_dir, out, cache, **{"tune.space.method.gamma.values": "[2.0]", "tune.max_concurrent": "1",
-                                                      "tune.scheduler": "fifo", "tune.epochs": "40", "tune.eval_every": "10",
+                                                      "tune.scheduler": "fifo", "tune.epochs": "100", "tune.eval_every": "25",
                                                       "tune.test_best": "false"})
+
+
+def _checks(c, tid: str) -> int:
+    """Checks Tune has recorded for a trial so far: rows of its progress.csv in the driver's staging
+    folder under the Ray session (Tune writes each result there as it arrives and copies the folder to
+    tune.storage_path only later)."""
+    found = list(Path(c.head_node.get_session_dir_path()).glob(f"artifacts/*/sweep/driver_artifacts/trial_{tid}/progress.csv"))
+    return max(0, len(found[0].read_text().splitlines()) - 1) if found else 0
+
+
+def _stamps(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*.png"))}
 
 
 def _trial_files(out: Path) -> dict[str, dict[str, bytes]]:
@@ -264,13 +277,10 @@ def _by_knobs(out: Path) -> dict[str, dict]:
 
 
 def _table(out: Path):
-    """results.csv, one row per knobs, without the columns that name or time a trial, or count its
-    reports (Tune's record of a rerun trial keeps what the lost attempt had reported: more reports when
-    the node went after a check, the same checks)."""
+    """results.csv, one row per knobs, without the columns that name or time a trial."""
     df = pd.read_csv(out / "results.csv", dtype={"method.layer": str, "trial_id": str})
-    assert (df["reports"] >= 4).all(), df  # epochs 10, 20, 30, 40
-    return df.drop(columns=["trial_id", "seconds", "error", "reports"]).sort_values(["method.gamma", "method.t_stop", "method.layer"]) \
-        .reset_index(drop=True)
+    assert (df["reports"] == 4).all(), df  # epochs 25, 50, 75, 100, once each also for the rerun trial
+    return df.drop(columns=["trial_id", "seconds", "error"]).sort_values(["method.gamma", "method.t_stop", "method.layer"]).reset_index(drop=True)
 
 
 @pytest.mark.integration
@@ -278,7 +288,8 @@ def _table(out: Path):
 def test_sweep_reruns_the_trial_of_a_lost_node_and_keeps_the_finished_one(trial_cluster, tiny_dit_dir, cache_dir, ray_session,
                                                                           tmp_path):
     """A 2-trial sweep attached to a multi-node cluster loses the worker node of its running trial
-    (`Cluster.remove_node`, no grace) after the first trial finished. The sweep finishes by itself:
+    (`Cluster.remove_node`, no grace) after the first trial finished, once the running one has made a
+    check (so Tune holds reports of the lost attempt). The sweep finishes by itself:
     Tune counts the lost trial as failed (tune.max_failures=1) and starts it again on the node left; the
     finished trial is not run again. Trials seed everything from the run seed (images from (seed, class,
     index), training from the seed), so each trial's images, checks and results row equal the same
@@ -297,17 +308,20 @@ def test_sweep_reruns_the_trial_of_a_lost_node_and_keeps_the_finished_one(trial_
     t1 = time.monotonic()
     removed: dict = {}
     finished_before: dict[str, dict[str, bytes]] = {}
+    sampled: dict[str, tuple[int, int]] = {}
     try:
         while proc.poll() is None and time.monotonic() - t1 < SWEEP_BOUND_S:
             files = _trial_files(out) if not removed and (out / "trials").exists() else {}
-            running = [tid for tid, f in files.items() if "attempt-0.json" in f and "done.json" not in f]
-            if running and any("done.json" in f for f in files.values()):  # the second trial is running
+            running = [tid for tid, f in files.items() if "attempt-0.json" in f and "done.json" not in f and _checks(c, tid) >= 1]
+            if running and any("done.json" in f for f in files.values()):  # the second trial trains, past its first check
                 # its trainable actor (reused from the first trial, or a new one) is on one of the workers
                 node = next((n for n in c.worker_nodes if any(t.startswith("ray::ImplicitFunc") for t in _titles(n))), None)
                 if node is not None:
                     finished_before = {tid: f for tid, f in files.items() if "done.json" in f}
                     c.remove_node(node, allow_graceful=False)
-                    removed = {"trial": running[0], "node": node.node_id[:8], "at_s": round(time.monotonic() - t1, 1)}
+                    removed = {"trial": running[0], "node": node.node_id[:8], "at_s": round(time.monotonic() - t1, 1),
+                               "checks_before": _checks(c, running[0])}
+                    sampled = _stamps(out / "trials" / running[0])  # all its images: it trains only once they are written
             time.sleep(0.05)
     finally:
         finish_run(proc, kill=proc.poll() is None)  # a hung sweep is killed, with its process group
@@ -323,6 +337,7 @@ def test_sweep_reruns_the_trial_of_a_lost_node_and_keeps_the_finished_one(trial_
     for knobs, trial in got.items():
         if knobs == lost:  # the lost attempt, then the rerun that finished it
             assert trial["attempts"] == ["attempt-0.json", "attempt-1.json"], trial
+            assert len(sampled) == 4 * 2 and _stamps(out / "trials" / trial["id"]) == sampled  # the rerun sampled none again
         else:  # finished before the loss: not run again, its record untouched
             assert trial["id"] == kept_id and trial["attempts"] == ["attempt-0.json"], trial
             assert _trial_files(out)[kept_id] == kept_files
