@@ -7,6 +7,7 @@ through the same code path as real ones.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -30,8 +31,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 def save_tiny_dit(path: Path, *, num_classes: int = 10, sample_size: int = 8, in_channels: int = 1, layers: int = 3,
                   heads: int = 2, head_dim: int = 8, vae: bool = False, seed: int = 0, learned_sigma: bool = False,
-                  class_names: list[str] | None = None) -> Path:
-    """A random DiT (optionally with a tiny VAE) saved as a diffusers pipeline directory."""
+                  class_names: list[str] | None = None, vae_channels: tuple[int, ...] = (8, 16)) -> Path:
+    """A random DiT (optionally with a tiny VAE) saved as a diffusers pipeline directory.
+
+    The VAE has one block per entry of `vae_channels` and downsamples 2**(blocks - 1) times: more
+    blocks give large images (many bytes per image) at the cost of a few thin convolutions."""
     from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
 
     torch.manual_seed(seed)
@@ -48,9 +52,10 @@ def save_tiny_dit(path: Path, *, num_classes: int = 10, sample_size: int = 8, in
     model.save_pretrained(path / "transformer", safe_serialization=True)
     DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False).save_pretrained(path / "scheduler")
     if vae:
-        v = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                          up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
-                          latent_channels=in_channels, norm_num_groups=4, sample_size=sample_size * 2)
+        n = len(vae_channels)
+        v = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                          up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(vae_channels),
+                          latent_channels=in_channels, norm_num_groups=math.gcd(4, *vae_channels), sample_size=sample_size * 2 ** (n - 1))
         v.save_pretrained(path / "vae", safe_serialization=True)
     if class_names is not None:
         (path / "classes.json").write_text(json.dumps({"classes": class_names}))

@@ -1,19 +1,26 @@
-"""The Ray Data feature bank against a plain torch loop; determinism; bad files; Parquet; cache."""
+"""The Ray Data feature bank against a plain torch loop; determinism; bad files; Parquet; cache; an
+object store smaller than the chunks in flight."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from ray._private.internal_api import memory_summary
 
 from dap_ray.backbones import load_backbone, model_fingerprint
 from dap_ray.bank import BankSpec, build_bank, featurize, load_bank
 from dap_ray.data import DatasetSplits, resolve_dataset
 from dap_ray.ddim import schedule
+from tests.conftest import save_tiny_dit, small_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -285,3 +292,67 @@ def test_model_pipeline_restarts_a_killed_actor_and_redoes_its_batch(folder, ray
     assert marker.exists(), "no actor died: nothing was tested"
     assert sorted(str(r["id"]) for r in rows) == sorted(r.id for r in ds.train)
     assert int(marker.read_text()) not in {int(r["pid"]) for r in rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# object-store pressure: the chunks in flight exceed a small object store
+# ---------------------------------------------------------------------------------------------
+
+STORE_BYTES = 80 * 2**20  # just above Ray's minimum object store (75 MiB)
+PRESSURE_RES = 512  # 7 VAE blocks over an 8x8 latent: a decoded chunk of 64 images is 48 MiB of uint8
+
+
+@pytest.fixture
+def small_store_cluster():
+    """A single-node Ray (2 CPUs) with an 80 MiB object store, started for a driver to attach to (a
+    `ray.cluster_utils.Cluster` head, as `ray start --head --object-store-memory` would be)."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False, "object_store_memory": STORE_BYTES})
+    yield c
+    c.shutdown()
+
+
+@pytest.mark.timeout(600)
+def test_bank_larger_than_the_object_store_spills_and_equals_a_normal_build(small_store_cluster, ray_session, tmp_path):
+    """Three chunks of 64 images at 512 px (48 MiB each decoded, 144 MiB in all) go through an 80 MiB
+    object store: Ray spills what does not fit and restores it when the actor takes the chunk. The
+    distill CLI's bank stage, attached to that Ray, completes and its statistics and kept features are
+    the bytes of the same bank built on the session's Ray with a normal object store."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    for c in ("0", "1"):  # decoded (upscaled) to 512 px: small files, large chunks in the object store
+        (root / c).mkdir(parents=True)
+        for i in range(100):
+            (root / c / f"{i:03d}.png").write_bytes(_png(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)))
+    model_dir = save_tiny_dit(tmp_path / "dit512", vae=True, vae_channels=(1,) * 7, class_names=[str(i) for i in range(10)])
+    cache = tmp_path / "cache"
+    ov = small_overrides(model_dir, tmp_path / "run", cache, **{
+        "stages": "[bank]", "dataset": "imagefolder", "dataset.root": str(root), "dataset.test_fraction": "0.04",
+        "bank.batch_size": "64", "sampler.steps": "2", "runtime.bank_actors": "1"})
+    env = {**os.environ, "RAY_ADDRESS": small_store_cluster.address, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    done = subprocess.run([sys.executable, "-m", "dap_ray.distill", *ov], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=400)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    stats = memory_summary(small_store_cluster.address, stats_only=True)  # what `ray memory --stats-only` prints: spill counters
+    print(stats)
+
+    (commit,) = cache.glob("banks/*/_COMMIT")
+    path = commit.parent
+    spec_doc = json.loads((path / "spec.json").read_text())
+    spec = BankSpec(**{**spec_doc, "layers": tuple(spec_doc["layers"]), "timesteps": tuple(spec_doc["timesteps"])})
+    assert spec.resolution == PRESSURE_RES
+    ds = resolve_dataset("imagefolder", str(root), None, test_fraction=0.04, seed=0)
+    produced = len(ds.train) * PRESSURE_RES**2 * 3  # decoded uint8 images that passed through the object store
+    assert produced > 1.5 * STORE_BYTES, produced
+    spilled = re.search(r"Spilled (\d+) MiB, (\d+) objects", stats)
+    assert spilled and int(spilled.group(1)) > 0, stats  # Ray had to write chunks to disk, and did
+    pressured = load_bank(str(path), spec, ds.classes)
+    assert pressured is not None and int(pressured.count.sum()) == len(ds.train) == 192
+
+    normal = build_bank(spec, ds, str(tmp_path / "normal"), num_actors=1, progress=False)
+    assert normal.path.rsplit("/", 1)[-1] == path.name  # the same key: same spec, same dataset files
+    np.testing.assert_array_equal(normal.count, pressured.count)
+    files = _stats_bytes(normal)
+    assert sum(k.startswith("stats/") for k in files) == len(spec.layers) * 2
+    assert files == _stats_bytes(pressured)

@@ -1,6 +1,6 @@
 """Node loss (issue 22): resource plans that fit each node, and a real multi-node Ray cluster on one
 machine (`ray.cluster_utils.Cluster`: a head and two worker raylets of 1 CPU each) that the reduced
-default run attaches to through RAY_ADDRESS, as to any cluster.
+default run, and a small Tune sweep, attach to through RAY_ADDRESS, as to any cluster.
 
 The planning function is pure and tested on made-up clusters; the cluster tests are real Ray."""
 
@@ -12,17 +12,22 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import psutil
 import pytest
+from omegaconf import OmegaConf
 
 from dap_ray.data.types import ClassInfo
 from dap_ray.errors import UserError
 from dap_ray.runtime import plan_pool
 from dap_ray.sampling import SamplerJob, SamplerPool, existing_indices, work_items
+from dap_ray.tune.sweep import main as tune_main
 from tests.conftest import finish_run, reference_cmd, start_logged
+from tests.test_tune import sweep_overrides
 
 CLASSES = tuple(ClassInfo(i, str(i), str(i)) for i in range(10))
 
@@ -170,14 +175,21 @@ def test_pool_waiting_for_capacity_says_what_and_gives_up(tiny_dit_dir, ray_sess
 RUN_BOUND_S = 900  # a run that loses nodes finishes by itself within this (a hang fails the test)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """`ray.cluster_utils.Cluster`: a head (where the run's driver attaches) and two 1-CPU worker raylets.
-    One for the module: tests that remove nodes add new ones (`_top_up`)."""
+def _start_cluster(head_cpus: int):
+    """`ray.cluster_utils.Cluster`: a head with `head_cpus` CPUs (where a run's driver attaches) and two
+    1-CPU worker raylets."""
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "include_dashboard": False})
     _top_up(c)
+    return c
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head of 1 CPU and two 1-CPU worker raylets. One for the module: tests that remove nodes add new
+    ones (`_top_up`)."""
+    c = _start_cluster(head_cpus=1)
     yield c
     c.shutdown()
 
@@ -205,6 +217,136 @@ def _titles(node) -> list[str]:
         if title.startswith("ray::"):
             out.append(title)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# a Tune sweep that loses the node of a running trial
+# ---------------------------------------------------------------------------------------------
+
+SWEEP_BOUND_S = 600  # a sweep that loses a node finishes by itself within this (a hang fails the test)
+
+
+@pytest.fixture
+def trial_cluster():
+    """A head with no CPU and two 1-CPU workers: every trial lands on a worker, which the test can take
+    away (the head, where the sweep's driver runs, cannot be). Before the module's `cluster` is started
+    (file order), so the two clusters never run at once on the 2-core machine."""
+    c = _start_cluster(head_cpus=0)
+    yield c
+    c.shutdown()
+
+
+def _sweep_overrides(model_dir: Path, out: Path, cache: Path) -> list[str]:
+    # Two trials (γ = 2 at t_stop 0 and 600; the layer each draws comes from the sweep's seed), one at a
+    # time so that one has finished when the other is lost; FIFO: every trial runs all its epochs (ASHA
+    # would stop one or the other by which reported first); 100 epochs, a check every 25: a trial trains
+    # long enough after its first check for the test to take its node then; no final test (not what is
+    # tested here).
+    return sweep_overrides(model_dir, out, cache, **{"tune.space.method.gamma.values": "[2.0]", "tune.max_concurrent": "1",
+                                                      "tune.scheduler": "fifo", "tune.epochs": "100", "tune.eval_every": "25",
+                                                      "tune.test_best": "false"})
+
+
+def _checks(c, tid: str) -> int:
+    """Checks Tune has recorded for a trial so far: rows of its progress.csv in the driver's staging
+    folder under the Ray session (Tune writes each result there as it arrives and copies the folder to
+    tune.storage_path only later)."""
+    found = list(Path(c.head_node.get_session_dir_path()).glob(f"artifacts/*/sweep/driver_artifacts/trial_{tid}/progress.csv"))
+    return max(0, len(found[0].read_text().splitlines()) - 1) if found else 0
+
+
+def _stamps(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*.png"))}
+
+
+def _trial_files(out: Path) -> dict[str, dict[str, bytes]]:
+    """trial id -> {file name: bytes} of the sweep's trial folders (attempt-<k>.json, done.json)."""
+    return {d.name: {f.name: f.read_bytes() for f in d.glob("*.json")} for d in sorted((out / "trials").glob("*")) if d.is_dir()}
+
+
+def _by_knobs(out: Path) -> dict[str, dict]:
+    """What a sweep decided, keyed by each trial's knobs (trial ids differ between sweeps): the trial's
+    id, its attempts, its checks (epoch, accuracy), and the digest of each image it sampled."""
+    got = {}
+    for tid, files in _trial_files(out).items():
+        done = json.loads(files["done.json"])
+        got[json.dumps(done["knobs"], sort_keys=True)] = {
+            "id": tid, "attempts": sorted(k for k in files if k.startswith("attempt-")), "history": done["history"],
+            "images": _digest(out / "trials" / tid / "dap" / "images")}
+    return got
+
+
+def _table(out: Path):
+    """results.csv, one row per knobs, without the columns that name or time a trial."""
+    df = pd.read_csv(out / "results.csv", dtype={"method.layer": str, "trial_id": str})
+    assert (df["reports"] == 4).all(), df  # epochs 25, 50, 75, 100, once each also for the rerun trial
+    return df.drop(columns=["trial_id", "seconds", "error"]).sort_values(["method.gamma", "method.t_stop", "method.layer"]).reset_index(drop=True)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(SWEEP_BOUND_S + 300)
+def test_sweep_reruns_the_trial_of_a_lost_node_and_keeps_the_finished_one(trial_cluster, tiny_dit_dir, cache_dir, ray_session,
+                                                                          tmp_path):
+    """A 2-trial sweep attached to a multi-node cluster loses the worker node of its running trial
+    (`Cluster.remove_node`, no grace) after the first trial finished, once the running one has made a
+    check (so Tune holds reports of the lost attempt). The sweep finishes by itself:
+    Tune counts the lost trial as failed (tune.max_failures=1) and starts it again on the node left; the
+    finished trial is not run again. Trials seed everything from the run seed (images from (seed, class,
+    index), training from the seed), so each trial's images, checks and results row equal the same
+    sweep's undisturbed on a single-node local Ray."""
+    c = trial_cluster
+    t0 = time.monotonic()
+    # the reference, in this process on the session's Ray; it builds the bank (in the shared cache) that
+    # the disturbed sweep then reuses
+    assert tune_main(_sweep_overrides(tiny_dit_dir, tmp_path / "ref", cache_dir)) == 0
+    ref_s = time.monotonic() - t0
+
+    out = tmp_path / "lost"
+    env = {**os.environ, "RAY_ADDRESS": c.address, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = start_logged([sys.executable, "-m", "dap_ray.tune", *_sweep_overrides(tiny_dit_dir, out, cache_dir)], env, tmp_path,
+                        tmp_path / "sweep.log")
+    t1 = time.monotonic()
+    removed: dict = {}
+    finished_before: dict[str, dict[str, bytes]] = {}
+    sampled: dict[str, tuple[int, int]] = {}
+    try:
+        while proc.poll() is None and time.monotonic() - t1 < SWEEP_BOUND_S:
+            files = _trial_files(out) if not removed and (out / "trials").exists() else {}
+            running = [tid for tid, f in files.items() if "attempt-0.json" in f and "done.json" not in f and _checks(c, tid) >= 1]
+            if running and any("done.json" in f for f in files.values()):  # the second trial trains, past its first check
+                # its trainable actor (reused from the first trial, or a new one) is on one of the workers
+                node = next((n for n in c.worker_nodes if any(t.startswith("ray::ImplicitFunc") for t in _titles(n))), None)
+                if node is not None:
+                    finished_before = {tid: f for tid, f in files.items() if "done.json" in f}
+                    c.remove_node(node, allow_graceful=False)
+                    removed = {"trial": running[0], "node": node.node_id[:8], "at_s": round(time.monotonic() - t1, 1),
+                               "checks_before": _checks(c, running[0])}
+                    sampled = _stamps(out / "trials" / running[0])  # all its images: it trains only once they are written
+            time.sleep(0.05)
+    finally:
+        finish_run(proc, kill=proc.poll() is None)  # a hung sweep is killed, with its process group
+    log_text = (tmp_path / "sweep.log").read_text()
+    print(f"reference sweep {ref_s:.0f}s; node-loss sweep {time.monotonic() - t1:.0f}s; removed: {removed}")
+    assert proc.returncode == 0, log_text[-4000:]
+    assert removed, ("no trial was seen running on a worker node", log_text[-3000:])
+
+    ref, got = _by_knobs(tmp_path / "ref"), _by_knobs(out)
+    assert set(got) == set(ref) and len(got) == 2
+    lost = next(k for k, v in got.items() if v["id"] == removed["trial"])
+    (kept_id, kept_files), = finished_before.items()
+    for knobs, trial in got.items():
+        if knobs == lost:  # the lost attempt, then the rerun that finished it
+            assert trial["attempts"] == ["attempt-0.json", "attempt-1.json"], trial
+            assert len(sampled) == 4 * 2 and _stamps(out / "trials" / trial["id"]) == sampled  # the rerun sampled none again
+        else:  # finished before the loss: not run again, its record untouched
+            assert trial["id"] == kept_id and trial["attempts"] == ["attempt-0.json"], trial
+            assert _trial_files(out)[kept_id] == kept_files
+        assert trial["images"] == ref[knobs]["images"] and len(trial["images"]) == 4 * 2, knobs
+        assert trial["history"] == ref[knobs]["history"], knobs
+    pd.testing.assert_frame_equal(_table(out), _table(tmp_path / "ref"))
+    assert set(_table(out)["status"]) == {"completed"}
+    best = [OmegaConf.load(p / "best_config.yaml") for p in (out, tmp_path / "ref")]
+    assert best[0].knobs == best[1].knobs and best[0].val_acc_best == best[1].val_acc_best
 
 
 def _distill(c, model_dir: Path, work: Path) -> tuple[subprocess.Popen, Path]:

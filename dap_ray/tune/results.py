@@ -15,15 +15,18 @@ from dap_ray.tune.trial import METRIC, TIME_ATTR, net_best_column, net_metric
 
 def results_table(grid: Any, dims: Sequence[Dim], epochs: int, archs: Sequence[str]):
     """One row per trial: knobs, last and best val_acc (the mean over the nets), each net's best
-    (val_acc_best/<arch>), epochs reached, reports, status (completed / stopped by ASHA / error),
-    sorted best first."""
+    (val_acc_best/<arch>), epochs reached, reports (the epochs checked), status (completed / stopped
+    by ASHA / error), sorted best first."""
     import pandas as pd
 
     rows = []
     for r in grid:
         m = r.metrics or {}
         hist = r.metrics_dataframe
-        reports = 0 if hist is None or METRIC not in getattr(hist, "columns", []) else int(hist[METRIC].notna().sum())
+        checked = None if hist is None or METRIC not in getattr(hist, "columns", []) else hist[hist[METRIC].notna()]
+        # checks, counted by epoch: Tune's record of a trial rerun after a failure (its node lost) keeps
+        # the lost attempt's reports, and the rerun reports those epochs again
+        reports = 0 if checked is None else int(checked[TIME_ATTR].nunique() if TIME_ATTR in checked.columns else len(checked))
         best = float(hist[METRIC].max()) if reports else math.nan
         epoch = int(m.get(TIME_ATTR, 0) or 0)
         status = "error" if r.error is not None else ("completed" if epoch >= epochs else "stopped")
