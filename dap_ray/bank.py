@@ -56,7 +56,7 @@ from dap_ray.data import BadImageError, decode_image, read_bytes
 from dap_ray.data.types import ClassInfo, DatasetSplits, ImageRecord
 from dap_ray.errors import UserError
 from dap_ray.guidance import RandomFourierFeatures
-from dap_ray.runtime import plan_pool
+from dap_ray.runtime import CapacityWatch, actor_need, iterate_watched, plan_pool
 from dap_ray.sampling import seed_for
 from dap_ray.storage import write_bytes
 
@@ -176,6 +176,15 @@ def actor_pipeline(items: list[dict], decode: Any, decode_kwargs: dict, udf: typ
         num_gpus=gpus_per_actor,
         num_cpus=plan.cpus_per_actor,
     )
+
+
+def pipeline_watch(what: str, num_actors: int, gpus_per_actor: float, cpus_per_actor: float, timeout_s: float) -> CapacityWatch:
+    """The capacity watch of an `actor_pipeline`: what one of its actors asks for (the pipeline's own
+    plan, the same pure function of the same nodes), bounded by runtime.placement_timeout_s."""
+    import ray
+
+    plan = plan_pool(ray.nodes(), num_actors, cpus_per_actor, gpus_per_actor, side_cpus=DECODE_CPUS)
+    return CapacityWatch(what, actor_need(gpus_per_actor, plan.cpus_per_actor), timeout_s)
 
 
 def model_pipeline(records: Sequence[ImageRecord], udf: type, constructor_kwargs: dict, resolution: int, batch_size: int,
@@ -624,8 +633,11 @@ def build_bank(
     gpus_per_actor: float = 0.0,
     cpus_per_actor: float = 1.0,
     progress: bool = True,
+    placement_timeout_s: float = 600.0,
 ) -> Bank:
-    """Build (or reuse, or resume) the bank of `dataset.train` for `spec`; returns the finished Bank."""
+    """Build (or reuse, or resume) the bank of `dataset.train` for `spec`; returns the finished Bank.
+    While no alive node can place a bank actor (nodes lost, an autoscaler not there yet) the build says
+    so and gives up after `placement_timeout_s` (runtime.placement_timeout_s); committed chunks stay."""
 
     key = spec.key(dataset_fingerprint(dataset))
     path = f"{cache_dir.rstrip('/')}/banks/{key}"
@@ -694,7 +706,8 @@ def build_bank(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=sum(len(ch.records) for ch in todo), desc="feature bank", unit="img", disable=not progress)
-        for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
+        watch = pipeline_watch("bank", num_actors, gpus_per_actor, cpus_per_actor, placement_timeout_s)
+        for batch in iterate_watched(ds.iter_batches(batch_size=1, batch_format="numpy"), watch):
             if first_batch_at is None:
                 first_batch_at = time.time() - t0
             for k, n in zip(batch["chunk"], batch["n"]):

@@ -149,7 +149,7 @@ class RuntimeConfig:
     sampler_actors: int | None = None  # null = auto: one per GPU (GPU actors) or per cpus_per_actor CPUs (at most 4); more than fit shrink
     bank_actors: int | None = None  # null = auto, as sampler_actors (each actor holds its own copy of the model)
     wait_for_nodes_s: float = 0.0  # an autoscaling cluster: wait this long for nodes before sizing the actor pools
-    placement_timeout_s: float = 600.0  # sampling with no actor placed and ready (nodes lost, none with room) gives up after this
+    placement_timeout_s: float = 600.0  # sampling with no actor placed and ready, or a bank/evaluation piece that fits on no node, gives up after this
     gpus_per_actor: float = 0.0  # set > 0 on a GPU cluster (conf/runtime/gpu.yaml)
     gpus_per_eval: float = 0.0
     cpus_per_actor: float = 1.0

@@ -193,7 +193,8 @@ def run(cfg_raw: Any) -> int:
         layers = [guidance_layer(cfg)] + [str(x) for x in (cfg.bank.layers or []) if str(x) != guidance_layer(cfg)]
         spec = make_spec(cfg, backbone, layers)
         bank = build_bank(spec, dataset, expand(cfg.cache_dir), num_actors=int(cfg.runtime.bank_actors),
-                          gpus_per_actor=float(cfg.runtime.gpus_per_actor), cpus_per_actor=float(cfg.runtime.cpus_per_actor))
+                          gpus_per_actor=float(cfg.runtime.gpus_per_actor), cpus_per_actor=float(cfg.runtime.cpus_per_actor),
+                          placement_timeout_s=float(cfg.runtime.placement_timeout_s))
         timings["bank"] = time.time() - t0
         log.info("bank: %s (%d images, %s, %d skipped)", bank.path, bank.meta["images"], "reused" if bank.meta.get("reused") else f"{bank.meta.get('images_per_second')} img/s", len(bank.skipped))
     skipped = list(bank.skipped) if bank is not None else []

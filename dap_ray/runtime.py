@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import sys
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from dap_ray.errors import ConfigError, UserError
 from dap_ray.storage import filesystem
@@ -180,7 +182,6 @@ def actor_count(requested: int | None, gpus_per_actor: float, cpus_per_actor: fl
     MAX_AUTO_ACTORS. A number larger than what fits shrinks to what fits (with a warning). When not
     even one actor fits, a UserError names the missing resources. `wait_s` > 0 (runtime.wait_for_nodes_s)
     first waits that long, saying so, for an autoscaling cluster to add the nodes the pool asks for."""
-    import time
 
     import ray
 
@@ -205,6 +206,117 @@ def actor_count(requested: int | None, gpus_per_actor: float, cpus_per_actor: fl
         log.warning("%s=%d: only %d actor(s) of %s fit on the cluster; using %d", key, want, fit, need, fit)
         return fit
     return want
+
+
+class CapacityWatch:
+    """Waiting for capacity, said in the log and bounded in time, for a stage whose pieces (bank actors,
+    evaluation trainings) Ray places by itself.
+
+    Work that needs `need` (one actor or task) and fits on no alive node waits in Ray forever: its node
+    was lost, or an autoscaler has not added one yet. While that lasts, `check()` says so (what waits,
+    the resources it needs, the largest node there is) when it starts and then every `say_every_s`, and
+    raises a UserError once it has lasted `timeout_s` (runtime.placement_timeout_s). Work that fits on
+    some node but waits for a busy one is not waiting for capacity: nothing is said. Callers call
+    `check()` whenever their wait for results times out (`poll_s`)."""
+
+    def __init__(self, what: str, need: Mapping[str, float], timeout_s: float, *, say_every_s: float = 30.0,
+                 nodes: Callable[[], list[dict]] | None = None, clock: Callable[[], float] = time.monotonic):
+        self.what, self.need, self.timeout_s = what, dict(need), float(timeout_s)
+        self.say_every_s, self.clock = float(say_every_s), clock
+        self._nodes = nodes
+        self.since: float | None = None  # when the work last started to fit on no node
+        self._said = 0.0
+
+    @property
+    def poll_s(self) -> float:
+        """How often a caller should check: often enough to give up on time, never busily."""
+        return max(0.05, min(10.0, self.timeout_s / 4))
+
+    def _need_text(self) -> str:
+        return ", ".join(f"{k}={v:g}" for k, v in self.need.items())
+
+    def check(self) -> None:
+        if self._nodes is not None:
+            nodes = self._nodes()
+        else:
+            import ray
+
+            nodes = ray.nodes()
+        if actors_that_fit(self.need, nodes) > 0:
+            if self.since is not None:
+                log.info("%s: capacity is back (%s fits on a node); going on", self.what, self._need_text())
+            self.since = None
+            return
+        now = self.clock()
+        if self.since is None:
+            self.since = now
+        waited = now - self.since
+        if waited > self.timeout_s:
+            raise UserError(f"{self.what}: no node of the Ray cluster has {self._need_text()} (largest: {_largest_node(self.need, nodes)}) "
+                            f"for runtime.placement_timeout_s={self.timeout_s:g}s; add nodes with those resources (or let the "
+                            "autoscaler), lower what one piece asks for, or raise runtime.placement_timeout_s; finished work is kept")
+        if waited == 0.0 or now - self._said >= self.say_every_s:
+            log.warning("%s: waiting for capacity: one piece needs %s on one node and no alive node has it (largest: %s); "
+                        "waited %.0fs, giving up after runtime.placement_timeout_s=%gs", self.what, self._need_text(),
+                        _largest_node(self.need, nodes), waited, self.timeout_s)
+            self._said = now
+
+
+T = TypeVar("T")
+
+
+def iterate_watched(items: Iterable[T], watch: CapacityWatch) -> Iterator[T]:
+    """The items of `items` (a blocking iterator, e.g. a Ray Data stream), produced on a background
+    thread so that `watch.check()` runs whenever none arrived for `watch.poll_s`; an error of the
+    producer is raised here. If the consumer stops (the watch gave up), the producer thread stops at
+    its next item."""
+    q: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+    end = object()
+
+    def give(entry: tuple) -> None:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def produce() -> None:
+        it = iter(items)
+        try:
+            for item in it:
+                give((item, None))
+                if stop.is_set():
+                    break
+            else:
+                give((end, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            give((end, e))
+        finally:
+            close = getattr(it, "close", None)
+            if stop.is_set() and close is not None:  # the consumer gave up: end the stream here, quietly
+                try:
+                    close()
+                except Exception:  # noqa: BLE001 - its errors have no one to go to
+                    pass
+
+    thread = threading.Thread(target=produce, name="iterate_watched", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                item, err = q.get(timeout=watch.poll_s)
+            except queue.Empty:
+                watch.check()
+                continue
+            if item is end:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 MIN_ACTOR_CPUS = 0.1  # below this an actor's share is no share: use fewer actors instead

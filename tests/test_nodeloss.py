@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from dap_ray.data.types import ClassInfo
 from dap_ray.errors import UserError
-from dap_ray.runtime import plan_pool
+from dap_ray.runtime import CapacityWatch, iterate_watched, plan_pool
 from dap_ray.sampling import SamplerJob, SamplerPool, existing_indices, work_items
 from dap_ray.tune.sweep import main as tune_main
 from tests.conftest import finish_run, reference_cmd, start_logged
@@ -166,6 +166,128 @@ def test_pool_waiting_for_capacity_says_what_and_gives_up(tiny_dit_dir, ray_sess
     said = [r.getMessage() for r in caplog.records if "waiting for capacity" in r.getMessage()]
     assert said and "CPU=1" in said[0] and "free now: CPU=0" in said[0], said
     assert not (tmp_path / "none" / "images").exists() or not list((tmp_path / "none").rglob("*.png"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the bank and evaluation stages (Ray places their pieces): waiting for capacity, said and bounded
+# ---------------------------------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.unit
+def test_capacity_watch_says_what_it_waits_for_resets_and_gives_up(caplog):
+    """Nothing is said while the piece fits some node (busy or not); once it fits none, the watch says
+    so at once and then every say_every_s, names the resources, resets when a node with them comes
+    back, and raises a UserError naming runtime.placement_timeout_s once the wait has lasted the timeout."""
+    clock, nodes = _Clock(), [_nodes(1.0, 1.0, gpus=1.0)]
+    watch = CapacityWatch("evaluation", {"CPU": 1.0, "GPU": 1.0}, 60.0, say_every_s=20.0, nodes=lambda: nodes[0], clock=clock)
+    with caplog.at_level(logging.WARNING, logger="dap_ray.runtime"):
+        watch.check()
+        assert watch.since is None and not caplog.records
+        nodes[0] = _nodes(4.0)  # the GPU nodes are gone
+        watch.check()
+        said = [r.getMessage() for r in caplog.records]
+        assert len(said) == 1 and "evaluation: waiting for capacity" in said[0] and "CPU=1, GPU=1" in said[0], said
+        assert "largest: CPU=4, GPU=0" in said[0] and "runtime.placement_timeout_s=60s" in said[0]
+        clock.now += 10
+        watch.check()
+        assert len(caplog.records) == 1  # not again before say_every_s
+        clock.now += 15
+        watch.check()
+        assert len(caplog.records) == 2 and "waited 25s" in caplog.records[-1].getMessage()
+        nodes[0] = _nodes(1.0, gpus=1.0)  # a node with a GPU joined (the autoscaler): the wait starts over
+        watch.check()
+        assert watch.since is None
+        nodes[0] = []
+        watch.check()
+        clock.now += 60
+        watch.check()  # exactly the timeout: still waiting
+        clock.now += 1
+        with pytest.raises(UserError) as err:
+            watch.check()
+    assert "evaluation: no node of the Ray cluster has CPU=1, GPU=1" in str(err.value)
+    assert "runtime.placement_timeout_s=60s" in str(err.value) and "finished work is kept" in str(err.value)
+
+
+@pytest.mark.unit
+def test_iterate_watched_yields_in_order_checks_while_waiting_and_raises_the_producers_error():
+    checks = []
+
+    class Watch:
+        poll_s = 0.05
+
+        def check(self):
+            checks.append(1)
+
+    def slow():
+        yield 1
+        time.sleep(0.5)  # nothing arrives for ten polls
+        yield 2
+        raise ValueError("the stream broke")
+
+    got = []
+    with pytest.raises(ValueError, match="the stream broke"):
+        for x in iterate_watched(slow(), Watch()):
+            got.append(x)
+    assert got == [1, 2] and len(checks) >= 3
+    assert list(iterate_watched(iter(range(100)), Watch())) == list(range(100))
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_evaluation_that_fits_no_node_says_so_and_gives_up(ray_session, cache_dir, tmp_path, caplog):
+    """Trainings that need a GPU on a cluster with none (their GPU node lost, the autoscaler not there):
+    the evaluation says what it waits for and stops with a UserError after runtime.placement_timeout_s,
+    instead of waiting in Ray forever."""
+    from dap_ray.cli import compose
+    from dap_ray.config import to_structured
+    from dap_ray.data import resolve_dataset
+    from dap_ray.eval.run import evaluate_sets
+
+    cfg = to_structured(compose("distill", [f"out_dir={tmp_path}", f"cache_dir={cache_dir}", "eval.epochs=1", "eval.seeds=[0]",
+                                            "eval.archs=[convnet]", "eval.max_test=20", "dataset.classes=[0,1]",
+                                            "runtime.gpus_per_eval=1", "runtime.placement_timeout_s=3"]))
+    ds = resolve_dataset("digits", None, ["0", "1"], cache_dir=str(cache_dir))
+    sets = {"few": [r for r in ds.train if r.label == 0][:2] + [r for r in ds.train if r.label == 1][:2]}
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="dap_ray.runtime"), pytest.raises(UserError) as err:
+        evaluate_sets(cfg, ds, sets, str(tmp_path / "eval"), str(cache_dir), progress=False)
+    assert time.monotonic() - t0 < 60
+    assert "evaluation: no node of the Ray cluster has CPU=1, GPU=1" in str(err.value)
+    assert "runtime.placement_timeout_s=3s" in str(err.value)
+    said = [r.getMessage() for r in caplog.records if "waiting for capacity" in r.getMessage()]
+    assert said and said[0].startswith("evaluation: waiting for capacity") and "GPU=1" in said[0], said
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_bank_whose_actor_fits_no_node_says_so_and_gives_up(tiny_dit_dir, ray_session, cache_dir, tmp_path, caplog):
+    """A bank actor that needs a GPU on a cluster with none: the build says what it waits for and stops
+    with a UserError after the placement timeout; nothing is committed."""
+    from dap_ray.backbones import load_backbone, model_fingerprint
+    from dap_ray.bank import BankSpec, build_bank
+    from dap_ray.data import resolve_dataset
+    from dap_ray.sampling import schedule
+
+    ds = resolve_dataset("digits", None, ["2", "3"], cache_dir=str(cache_dir))
+    model = {"type": "dit", "path": str(tiny_dit_dir), "name": "tiny"}
+    spec = BankSpec(model=model, model_fingerprint=model_fingerprint(model), layers=("1",), timesteps=tuple(schedule(load_backbone(model), 4)),
+                    pooling="tokens", seed=7, resolution=8, batch_size=64)
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="dap_ray.runtime"), pytest.raises(UserError) as err:
+        build_bank(spec, ds, str(tmp_path / "cache"), num_actors=1, gpus_per_actor=1.0, progress=False, placement_timeout_s=3)
+    assert time.monotonic() - t0 < 90
+    assert "bank: no node of the Ray cluster has CPU=1, GPU=1" in str(err.value), str(err.value)
+    said = [r.getMessage() for r in caplog.records if "waiting for capacity" in r.getMessage()]
+    assert said and said[0].startswith("bank: waiting for capacity"), said
+    assert not list((tmp_path / "cache").rglob("_COMMIT"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 from dap_ray.data import BadImageError, decode_image, distilled_records, load_images, read_bytes
 from dap_ray.data.types import DatasetSplits, ImageRecord
 from dap_ray.errors import ConfigError, UserError
+from dap_ray.runtime import CapacityWatch, actor_need
 from dap_ray.storage import expand, filesystem, write_bytes
 
 log = logging.getLogger(__name__)
@@ -380,8 +381,15 @@ def evaluate_sets(
                 pending[ref] = (base, fname)
     bar = tqdm(total=len(pending), desc="evaluation trainings", unit="run", disable=not progress)
     remaining = list(pending)
+    # a training that fits on no alive node (its GPU node lost, the autoscaler not there yet) waits in
+    # Ray forever: say so, and give up after runtime.placement_timeout_s (finished trainings are kept)
+    watch = CapacityWatch("evaluation", actor_need(float(cfg.runtime.gpus_per_eval), float(cfg.runtime.cpus_per_eval)),
+                          float(cfg.runtime.placement_timeout_s))
     while remaining:
-        done, remaining = ray.wait(remaining, num_returns=1)
+        done, remaining = ray.wait(remaining, num_returns=1, timeout=watch.poll_s)
+        if not done:
+            watch.check()
+            continue
         base, fname = pending[done[0]]
         try:
             out = ray.get(done[0])

@@ -69,7 +69,7 @@ from dap_ray.data.types import ClassInfo, DatasetSplits
 from dap_ray.ddim import final_alpha, schedule
 from dap_ray.errors import ConfigError, UserError
 from dap_ray.methods.base import Method, RunContext
-from dap_ray.runtime import actor_count
+from dap_ray.runtime import actor_count, iterate_watched
 from dap_ray.sampling import WorkItem, seed_for
 from dap_ray.storage import expand
 
@@ -344,11 +344,13 @@ class InversionResult:
 
 
 def invert_dataset(spec: InversionSpec, dataset: DatasetSplits, cache_dir: str, *, num_actors: int = 1,
-                   gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0, progress: bool = True) -> InversionResult:
+                   gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0, progress: bool = True,
+                   placement_timeout_s: float = 600.0) -> InversionResult:
     """Invert every training image of the classes not cached yet; write each class's statistics as
-    soon as all its images are back (a killed run resumes class by class)."""
+    soon as all its images are back (a killed run resumes class by class). While no alive node can place
+    an inversion actor it says so, and gives up after `placement_timeout_s`."""
 
-    from dap_ray.bank import dataset_fingerprint, model_pipeline
+    from dap_ray.bank import dataset_fingerprint, model_pipeline, pipeline_watch
 
     key = spec.key(dataset_fingerprint(dataset))
     path = f"{cache_dir.rstrip('/')}/d3hr/{key}"
@@ -397,7 +399,8 @@ def invert_dataset(spec: InversionSpec, dataset: DatasetSplits, cache_dir: str, 
             _write_atomic(class_stats_path(path, key_c), blob)
             computed.append(key_c)
 
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        watch = pipeline_watch("d3hr inversion", num_actors, gpus_per_actor, cpus_per_actor, placement_timeout_s)
+        for batch in iterate_watched(ds.iter_batches(batch_size=None, batch_format="numpy"), watch):
             labels = np.asarray(batch["label"])
             for label in np.unique(labels).tolist():
                 m = labels == label
@@ -508,7 +511,8 @@ class D3HR(Method):
                         "lower step (set method.d3hr_inversion_steps = sampler.steps for an exact round trip)", start_t, cfg.sampler.steps)
         inv = invert_dataset(spec, ctx.dataset, expand(str(cfg.cache_dir)),
                              num_actors=actor_count(r.bank_actors, float(r.gpus_per_actor), float(r.cpus_per_actor), "runtime.bank_actors"),
-                             gpus_per_actor=float(r.gpus_per_actor), cpus_per_actor=float(r.cpus_per_actor), progress=ctx.progress)
+                             gpus_per_actor=float(r.gpus_per_actor), cpus_per_actor=float(r.cpus_per_actor), progress=ctx.progress,
+                             placement_timeout_s=float(r.placement_timeout_s))
         log.info("d3hr: class statistics in %s (%d reused, %d computed)", inv.path, len(inv.reused), len(inv.computed))
         ctx.report_skipped(inv.skipped)  # the run's skipped.csv (already there when the bank skipped them too)
         noise_dir = f"{ctx.method_dir(self.name)}/noises"

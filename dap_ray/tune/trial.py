@@ -99,7 +99,7 @@ def build_banks(cfg: Any, dims: Sequence[Dim], backbone: Any, dataset: DatasetSp
         r = cfg.runtime
         bank = build_bank(spec, dataset, cache_dir, num_actors=actor_count(r.bank_actors, float(r.gpus_per_actor), float(r.cpus_per_actor), "runtime.bank_actors"),
                           gpus_per_actor=float(r.gpus_per_actor),
-                          cpus_per_actor=float(r.cpus_per_actor))
+                          cpus_per_actor=float(r.cpus_per_actor), placement_timeout_s=float(r.placement_timeout_s))
         log.info("bank %s: %s (%d images, layers %s, %s)", bank_id(combo), bank.path, bank.meta["images"], ",".join(layers),
                  "reused" if bank.meta.get("reused") else "built")
         banks[bank_id(combo)] = (bank.path, bank.spec)
