@@ -43,8 +43,9 @@ from benchmarks._common import (  # noqa: E402
 
 SECTION = "end_to_end"
 # A reduced run for --quick (the smoke test): the shape of tests/conftest.py's small_overrides.
+# Two classes: the stages, their order and the section are what --quick checks, not the bank's size.
 QUICK = ["ipc=2", "sampler.steps=5", "sampler.batch_size=2", "eval.epochs=2", "eval.seeds=[0]", "eval.archs=[convnet]",
-         "eval.tsne=false", "eval.metrics=false", "eval.max_test=100"]
+         "eval.tsne=false", "eval.metrics=false", "eval.max_test=100", "dataset.classes=[0,1]"]
 
 
 def run_distill(out_dir: Path, cache_dir: str | None, overrides: Sequence[str], log: Path, timeout: float,

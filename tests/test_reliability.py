@@ -691,21 +691,50 @@ def _results(out: Path) -> dict[tuple, tuple]:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_driver_sigkill_then_rerun_resumes_and_matches(reference_run, tiny_dit_dir, tmp_path):
-    """SIGKILL the driver mid-sampling, then mid-evaluation; re-run the same command: finished
-    images, the bank and finished evaluations are reused untouched (same inode and mtime); a
-    truncated PNG under its final name is regenerated, a temp file is ignored, an unparsable
-    evaluation JSON is redone; the end result equals the undisturbed run byte for byte."""
+    """SIGKILL the driver mid-bank, then mid-sampling, then mid-evaluation; re-run the same command:
+    every committed bank shard (class files, chunk files) is reused, finished images, the bank and
+    finished evaluations are reused untouched (same inode and mtime); a truncated PNG under its final
+    name is regenerated, a temp file is ignored, an unparsable evaluation JSON is redone; the end
+    result equals the undisturbed run byte for byte."""
     import tempfile
 
-    ref_out = reference_run[0]
+    from dap_ray.bank import partial_from_bytes
+
+    ref_out, ref_cache = reference_run[0], reference_run[1]
     out, cache = tmp_path / "run", tmp_path / "cache"
     ray_tmp = tempfile.mkdtemp(prefix="dk", dir="/tmp")
     try:
         cmd, env, log = reference_cmd(tiny_dit_dir, out, cache), clean_env(tmp_path, ray_tmp), tmp_path / "log.txt"
 
-        # 1. killed while sampling `vanilla` (bank committed, random_real done)
+        # 0. killed mid-bank: as soon as the first chunk is featurised (the bank takes seconds after that)
+        _run_until(cmd, env, tmp_path, log, lambda: list(cache.glob("banks/*/chunks/c*.safetensors")), "the first bank chunk")
+        (bank_dir,) = [p for p in (cache / "banks").iterdir() if p.is_dir()]
+        assert not (bank_dir / "_COMMIT").exists(), "the bank was finished before the driver was killed"
+        # the classes committed before the kill (their marker is written last): marker, statistics, kept features
+        final = {int(p.stem[1:]): json.loads(p.read_text())["count"] for p in (bank_dir / "classes").glob("c*.json")}
+        committed = {p: v for p, v in _snapshot(bank_dir / "classes", bank_dir / "stats", bank_dir / "features").items()
+                     if int(p.stem[1:]) in final}
+        chunks = {p.name: partial_from_bytes(p.read_bytes())["count"] for p in (bank_dir / "chunks").glob("c*.safetensors")}
+        assert chunks or final
+        n_log = len(log.read_text().splitlines())
+
+        # 1. re-run, killed while sampling `vanilla` (bank committed, random_real done)
         _run_until(cmd, env, tmp_path, log, lambda: list((out / "vanilla" / "images").rglob("*.png")), "vanilla sampling")
         assert list(cache.rglob("banks/*/_COMMIT")) and len(list((out / "random_real" / "images").rglob("*.png"))) == 4
+        said = "\n".join(log.read_text().splitlines()[n_log:])
+        assert f"({len(final)} classes final, {len(chunks)} chunk(s) on disk," in said, said[-3000:]  # every shard found
+        assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in committed} == committed  # reused, not rewritten
+        meta = json.loads((bank_dir / "meta.json").read_text())
+        # featurised again: only what was neither in a final class nor in a chunk on disk (nothing twice)
+        assert meta["images_featurised"] == meta["images"] - sum(final.values()) - sum(
+            n for counts in chunks.values() for c, n in counts.items() if c not in final), (meta, final, chunks)
+        # the resumed bank holds the undisturbed run's statistics, byte for byte
+        (ref_bank,) = [p for p in (ref_cache / "banks").iterdir() if p.is_dir()]
+
+        def stats(bank: Path) -> dict:
+            return {p.relative_to(bank).as_posix(): p.read_bytes() for d in ("classes", "stats") for p in (bank / d).rglob("*") if p.is_file()}
+
+        assert stats(bank_dir) == stats(ref_bank)
         cut = out / "random_real" / "images" / "0" / "00000.png"
         cut.write_bytes(cut.read_bytes()[:30])  # truncated under its final name (a writer that was not atomic)
         tmp_file = out / "vanilla" / "images" / "1" / "00001.png.tmp-123"
