@@ -388,7 +388,12 @@ def evaluate_sets(
     while remaining:
         done, remaining = ray.wait(remaining, num_returns=1, timeout=watch.poll_s)
         if not done:
-            watch.check()
+            try:
+                watch.check()
+            except UserError:
+                for ref in remaining:  # given up: take the queued trainings back out of Ray
+                    ray.cancel(ref)
+                raise
             continue
         base, fname = pending[done[0]]
         try:
