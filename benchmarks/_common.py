@@ -22,8 +22,10 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from dap_ray.report import md_table  # noqa: F401  (the benchmarks' tables are the reports' tables)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "BENCHMARKS.md"
@@ -203,13 +205,6 @@ def read_section(path: Path, name: str) -> str | None:
         return None
     j = text.find(end, i)
     return text[i + len(start): j].strip()
-
-
-def md_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(str(c) for c in r) + " |")
-    return "\n".join(lines)
 
 
 def verdict(ok: bool | None) -> str:

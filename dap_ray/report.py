@@ -82,6 +82,13 @@ def ipc_text(rows: Sequence[dict], fallback: int | None = None) -> str:
     return "IPC " + (str(ipcs[0]) if len(ipcs) == 1 else ", ".join(map(str, ipcs[:-1])) + f" and {ipcs[-1]}")
 
 
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def format_table(rows: Sequence[dict], methods: Sequence[str], archs: Sequence[str], title: str = "") -> str:
     """A markdown table: one row per method, one column per architecture, mean ± std (n seeds);
     an IPC column when the rows were evaluated at more than one IPC."""
@@ -139,7 +146,7 @@ def save_image(img: Image.Image, png_path: str) -> str:
     return png_path
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never a window (and no display on a cluster node)
@@ -148,9 +155,9 @@ def _pyplot() -> Any:
     return plt
 
 
-def _colors(methods: Sequence[str]) -> dict[str, Any]:
+def method_colors(methods: Sequence[str]) -> dict[str, Any]:
     """One colour per method, the same in every figure of the report."""
-    plt = _pyplot()
+    plt = pyplot()
     cmap = plt.get_cmap("tab10")
     return {m: cmap(i % 10) for i, m in enumerate(methods)}
 
@@ -166,8 +173,8 @@ def plot_accuracy(rows: Sequence[dict], methods: Sequence[str], archs: Sequence[
     cells = {(m, a): s[(m, a)]["accs"] for m in methods for a in archs if (m, a) in s and s[(m, a)]["accs"]}
     if not cells:
         return None
-    plt = _pyplot()
-    colors = _colors(methods)
+    plt = pyplot()
+    colors = method_colors(methods)
     fig, axes = plt.subplots(1, len(archs), figsize=(max(3.0, 0.75 * len(methods) + 1.4) * len(archs), 3.6), squeeze=False)
     ns = []
     for j, a in enumerate(archs):
@@ -222,8 +229,8 @@ def plot_curves(rows: Sequence[dict], methods: Sequence[str], archs: Sequence[st
     hist = [r for r in rows if r.get("status") == "ok" and r.get("history")]
     if not hist:
         return None
-    plt = _pyplot()
-    colors = _colors(methods)
+    plt = pyplot()
+    colors = method_colors(methods)
     fig, axes = plt.subplots(1, len(archs), figsize=(4.0 * len(archs), 3.2), squeeze=False)
     for j, a in enumerate(archs):
         ax = axes[0, j]
@@ -254,7 +261,7 @@ def plot_curves(rows: Sequence[dict], methods: Sequence[str], archs: Sequence[st
 def plot_tsne(tsne: Sequence[dict], path: str) -> str | None:
     if len(tsne) < 2:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(tsne) - 1, figsize=(3.3 * (len(tsne) - 1), 3.4), squeeze=False)
     real = tsne[0]
     rxy = np.array(real["xy"])
