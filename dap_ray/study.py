@@ -480,14 +480,39 @@ def write_study(out: str, plan: StudyPlan, cells: Sequence[Cell], machine: str) 
     tdir = Path(out) / "tune"
     if (tdir / "best_config.yaml").exists():
         best = OmegaConf.to_container(OmegaConf.load(tdir / "best_config.yaml"))
-        md += ["## The Tune sweep", "",
-               f"`python -m dap_ray.tune {' '.join(plan.tune_overrides)}`: best validation accuracy "
-               f"{100 * float(best['val_acc_best']):.1f}% with {' '.join(best_knobs(tdir))} (trial {best['trial_id']}; "
-               f"table: [tune/results.csv](tune/results.csv)). Re-run as `dap_tuned` on the study's seeds at IPC {tune_ipc(plan)} "
-               "and evaluated on the test split: the rows `dap_tuned` above.", ""]
+        md += ["## The Tune sweep: layer and t_stop beside γ", "",
+               f"`python -m dap_ray.tune {' '.join(plan.tune_overrides)}`: random search over γ, the guidance layer and t_stop, "
+               f"IPC {tune_ipc(plan)}, one training seed per trial on a validation split held out of the training images, ASHA "
+               f"stopping weak trials early. Best validation accuracy {100 * float(best['val_acc_best']):.1f}% with "
+               f"{' '.join(best_knobs(tdir))} (trial {best['trial_id']}; every trial: [tune/results.csv](tune/results.csv)). "
+               f"Re-run as `dap_tuned` on the study's seeds at IPC {tune_ipc(plan)} and evaluated on the test split: the rows "
+               "`dap_tuned` above, and its paired differences.", "",
+               *trials_table(tdir), ""]
+        for png in sorted((tdir / "plots").glob("*.png")) if (tdir / "plots").exists() else []:
+            for ext in ("png", "pdf"):
+                src = png.with_suffix(f".{ext}")
+                if src.exists():
+                    shutil.copy2(src, figs / f"tune_{src.name}")
+            md += fig(str(figs / f"tune_{png.name}"), png.stem, f"The sweep's own plot ({png.stem}): validation accuracy per trial.")
     path = Path(out) / "study.md"
     path.write_text("\n".join(md) + "\n")
     return str(path)
+
+
+def trials_table(tune_dir: Path) -> list[str]:
+    """The sweep's trials, best first: the knobs, the validation accuracy and how far each trial ran."""
+    import pandas as pd
+
+    path = tune_dir / "results.csv"
+    if not path.exists():
+        return []
+    df = pd.read_csv(path)
+    cols = [c for c in ("method.gamma", "method.layer", "method.t_stop", "val_acc_best", "epochs", "status") if c in df.columns]
+    if "val_acc_best" in df.columns:
+        df = df.sort_values("val_acc_best", ascending=False, na_position="last")
+    body = [[f"{v:.3g}" if isinstance(v, float) and c == "method.gamma" else f"{100 * v:.1f}" if c == "val_acc_best" and v == v
+             else v for c, v in zip(cols, row)] for row in df[cols].itertuples(index=False)]
+    return [md_table([c.replace("val_acc_best", "val acc (%)") for c in cols], body)]
 
 
 def publish(out: str, docs: str) -> None:
