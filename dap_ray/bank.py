@@ -56,7 +56,7 @@ from dap_ray.data import BadImageError, decode_image, read_bytes
 from dap_ray.data.types import ClassInfo, DatasetSplits, ImageRecord
 from dap_ray.errors import UserError
 from dap_ray.guidance import RandomFourierFeatures
-from dap_ray.runtime import CapacityWatch, actor_need, iterate_watched, plan_pool
+from dap_ray.runtime import CapacityWatch, PoolPlan, actor_need, iterate_watched, plan_pool
 from dap_ray.sampling import seed_for
 from dap_ray.storage import write_bytes
 
@@ -148,8 +148,22 @@ def plan_chunks(records: Sequence[ImageRecord], batch_size: int, keep_per_class:
 DECODE_CPUS = 0.5  # CPUs of one decode task (shrunk on small nodes by runtime.plan_pool)
 
 
+@dataclass(frozen=True)
+class ActorPipeline:
+    """A Ray Data stream through a pool of model actors, with the plan it was sized by."""
+
+    dataset: Any  # ray.data.Dataset: the udf's output rows
+    plan: PoolPlan
+    gpus_per_actor: float
+
+    def watch(self, what: str, timeout_s: float) -> CapacityWatch:
+        """The capacity watch of this pipeline: what one of its actors asks for (from the plan the pool
+        was made with), bounded by runtime.placement_timeout_s."""
+        return CapacityWatch(what, actor_need(self.gpus_per_actor, self.plan.cpus_per_actor), timeout_s)
+
+
 def actor_pipeline(items: list[dict], decode: Any, decode_kwargs: dict, udf: type, constructor_kwargs: dict, batch_size: int,
-                   num_actors: int, gpus_per_actor: float, cpus_per_actor: float, blocks: int):
+                   num_actors: int, gpus_per_actor: float, cpus_per_actor: float, blocks: int) -> ActorPipeline:
     """items -> decode tasks -> a restartable pool of `udf` actors (each holds the model once).
 
     The Ray Data path shared by the feature bank and D3HR's inversion. A killed actor is restarted
@@ -167,7 +181,7 @@ def actor_pipeline(items: list[dict], decode: Any, decode_kwargs: dict, udf: typ
                  udf.__name__, plan.actors, plan.cpus_per_actor, num_actors)
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(blocks, 64)))
     ds = ds.map_batches(decode, fn_kwargs=decode_kwargs, batch_size=batch_size, batch_format="numpy", num_cpus=plan.side_cpus)
-    return ds.map_batches(
+    ds = ds.map_batches(
         udf,
         fn_constructor_kwargs=constructor_kwargs,
         batch_size=batch_size,
@@ -176,19 +190,11 @@ def actor_pipeline(items: list[dict], decode: Any, decode_kwargs: dict, udf: typ
         num_gpus=gpus_per_actor,
         num_cpus=plan.cpus_per_actor,
     )
-
-
-def pipeline_watch(what: str, num_actors: int, gpus_per_actor: float, cpus_per_actor: float, timeout_s: float) -> CapacityWatch:
-    """The capacity watch of an `actor_pipeline`: what one of its actors asks for (the pipeline's own
-    plan, the same pure function of the same nodes), bounded by runtime.placement_timeout_s."""
-    import ray
-
-    plan = plan_pool(ray.nodes(), num_actors, cpus_per_actor, gpus_per_actor, side_cpus=DECODE_CPUS)
-    return CapacityWatch(what, actor_need(gpus_per_actor, plan.cpus_per_actor), timeout_s)
+    return ActorPipeline(ds, plan, gpus_per_actor)
 
 
 def model_pipeline(records: Sequence[ImageRecord], udf: type, constructor_kwargs: dict, resolution: int, batch_size: int,
-                   num_actors: int, gpus_per_actor: float, cpus_per_actor: float):
+                   num_actors: int, gpus_per_actor: float, cpus_per_actor: float) -> ActorPipeline:
     """One row per image: records -> `decode_batch` tasks -> `udf` actors (D3HR's inversion)."""
     items = [{"id": r.id, "path": r.path, "label": r.label} for r in records]
     return actor_pipeline(items, decode_batch, {"resolution": resolution}, udf, constructor_kwargs, batch_size, num_actors,
@@ -196,7 +202,7 @@ def model_pipeline(records: Sequence[ImageRecord], udf: type, constructor_kwargs
 
 
 def chunk_pipeline(chunks: Sequence[Chunk], udf: type, constructor_kwargs: dict, resolution: int, num_actors: int,
-                   gpus_per_actor: float, cpus_per_actor: float):
+                   gpus_per_actor: float, cpus_per_actor: float) -> ActorPipeline:
     """One row per chunk: chunks -> `decode_chunks` tasks -> `udf` actors, one chunk per call, so the
     actor's forward batch is exactly the chunk (Ray Data would otherwise re-bundle rows freely)."""
     size = max((len(c.records) for c in chunks), default=1)
@@ -701,13 +707,12 @@ def build_bank(
 
     fold_ready()
     if todo:
-        ds = chunk_pipeline(todo, BankFeaturizer, {"spec": spec, "classes": dataset.classes, "root": path}, spec.resolution,
+        pipe = chunk_pipeline(todo, BankFeaturizer, {"spec": spec, "classes": dataset.classes, "root": path}, spec.resolution,
                             num_actors, gpus_per_actor, cpus_per_actor)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=sum(len(ch.records) for ch in todo), desc="feature bank", unit="img", disable=not progress)
-        watch = pipeline_watch("bank", num_actors, gpus_per_actor, cpus_per_actor, placement_timeout_s)
-        for batch in iterate_watched(ds.iter_batches(batch_size=1, batch_format="numpy"), watch):
+        for batch in iterate_watched(pipe.dataset.iter_batches(batch_size=1, batch_format="numpy"), pipe.watch("bank", placement_timeout_s)):
             if first_batch_at is None:
                 first_batch_at = time.time() - t0
             for k, n in zip(batch["chunk"], batch["n"]):

@@ -84,3 +84,18 @@ def bootstrap_mean_ci(values: Sequence[float], confidence: float = 0.95, resampl
     means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)  # (resamples,)
     alpha = (1 - confidence) / 2
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p values (same order; nan stays nan and is not counted): a family of m
+    tests is rejected at level α where the adjusted p ≤ α, controlling the family-wise error rate."""
+    p = np.asarray(p_values, dtype=float)
+    ok = np.flatnonzero(~np.isnan(p))
+    out = np.full(p.shape, math.nan)
+    m = ok.size
+    if m == 0:
+        return out.tolist()
+    order = ok[np.argsort(p[ok], kind="stable")]
+    adj = np.maximum.accumulate((m - np.arange(m)) * p[order])  # step-down: (m - i) p_(i), kept monotone
+    out[order] = np.minimum(adj, 1.0)
+    return out.tolist()

@@ -50,7 +50,7 @@ from dap_ray.report import (
     save_figure,
     stored_classes,
 )
-from dap_ray.stats import mean_ci, paired_difference
+from dap_ray.stats import holm, mean_ci, paired_difference
 from dap_ray.storage import expand
 from dap_ray.tune import sweep
 from dap_ray.tune.best import format_override
@@ -256,9 +256,11 @@ def paired_table(prs: Sequence[dict]) -> str:
     def num(x: float, fmt: str = "+.1f") -> str:
         return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
+    adjusted = holm([p["p_value"] for p in prs])  # the table is one family: every row is a test
     body = [[f"{p['a']} − {p['b']}", p["ipc"], p["n"], num(p["mean"]), f"[{num(p['low'])}, {num(p['high'])}]",
-             num(p["p_value"], ".2g"), f"{p['up']} / {p['down']} / {p['tie']}"] for p in prs]
-    return md_table(["difference (points)", "IPC", "seeds", "mean", f"{int(CONFIDENCE * 100)}% CI (paired t)", "p", "up / down / tie"], body)
+             num(p["p_value"], ".2g"), num(h, ".2g"), f"{p['up']} / {p['down']} / {p['tie']}"] for p, h in zip(prs, adjusted)]
+    return md_table(["difference (points)", "IPC", "seeds", "mean", f"{int(CONFIDENCE * 100)}% CI (paired t)", "p", "p (Holm)",
+                     "up / down / tie"], body)
 
 
 def gamma_points(rows: Sequence[dict], ipc: int, arch: str, seeds: Sequence[int]) -> list[dict]:
@@ -314,6 +316,7 @@ def plot_accuracy_vs_ipc(rows: Sequence[dict], methods: Sequence[str], ipcs: Seq
         plt.close(fig)
         return None
     ax.set_xticks(x, [str(i) for i in ipcs])
+    ax.set_xlim(-0.5, len(ipcs) - 0.5)
     ax.set_xlabel("images per class (IPC)")
     ax.set_ylabel(f"test accuracy (%), {arch}")
     ax.grid(alpha=0.3)
@@ -347,6 +350,7 @@ def plot_paired(prs: Sequence[dict], path: str) -> str | None:
                 ax.plot(j + 0.08, p["mean"], "o", color="C3", ms=5)
             ax.annotate(f"{p['up']}↑{p['down']}↓", (j + 0.16, p["mean"]), fontsize=6, va="center")
         ax.set_xticks(range(len(ipcs)), [str(i) for i in ipcs])
+        ax.set_xlim(-0.5, len(ipcs) - 0.5)
         ax.set_xlabel("IPC")
         ax.set_title(f"{comp[0]} − {comp[1]}", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
@@ -464,7 +468,9 @@ def write_study(out: str, plan: StudyPlan, cells: Sequence[Cell], machine: str) 
           *fig(f_acc, "accuracy against IPC", "Mean and 95% Student-t interval over seeds; open dots: each seed."),
           "## Paired differences (accuracy points), by seed", "",
           "Seed s gives both methods the same initial noise and the same training seed, so a difference per seed cancels what "
-          "they share. Interval: paired Student t (n − 1 df); p: two-sided paired t test of a zero mean difference.", "",
+          "they share. Interval: paired Student t (n − 1 df), per row, not adjusted; p: two-sided paired t test of a zero mean "
+          "difference; p (Holm): adjusted over every row of the table (Holm–Bonferroni), the one to read when scanning the "
+          "table for wins.", "",
           paired_table(prs), "",
           *fig(f_pair, "paired differences", "Each seed's difference (open), the mean and its 95% paired t interval (red); "
                "↑/↓: seeds where the first method won / lost."),

@@ -288,7 +288,7 @@ def test_model_pipeline_restarts_a_killed_actor_and_redoes_its_batch(folder, ray
                               gpus_per_actor=0.0, cpus_per_actor=1.0)
     ours = [f"{w.category.__name__}: {w.message}" for w in caught if w.filename == bank_mod.__file__]
     assert not ours, ours
-    rows = pipe.take_all()
+    rows = pipe.dataset.take_all()
     assert marker.exists(), "no actor died: nothing was tested"
     assert sorted(str(r["id"]) for r in rows) == sorted(r.id for r in ds.train)
     assert int(marker.read_text()) not in {int(r["pid"]) for r in rows}

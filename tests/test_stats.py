@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as sp
 
-from dap_ray.stats import bootstrap_mean_ci, mean_ci, paired_difference
+from dap_ray.stats import bootstrap_mean_ci, holm, mean_ci, paired_difference
 
 pytestmark = pytest.mark.unit
 
@@ -69,3 +69,12 @@ def test_bootstrap_is_seeded_and_brackets_the_mean():
     # with few seeds the percentile bootstrap is narrower than the t interval
     t = mean_ci(x)
     assert t.low < lo and hi < t.high
+
+
+def test_holm_by_hand():
+    # sorted p 0.01, 0.02, 0.04, 0.5 (m = 4): 4*0.01, 3*0.02, max(2*0.04, .06), max(1*0.5, .08); nan untouched
+    adj = holm([0.04, 0.5, float("nan"), 0.01, 0.02])
+    assert adj[0] == pytest.approx(0.08) and adj[1] == pytest.approx(0.5) and math.isnan(adj[2])
+    assert adj[3] == pytest.approx(0.04) and adj[4] == pytest.approx(0.06)
+    assert holm([0.6, 0.7]) == [1.0, 1.0]  # capped at 1
+    assert holm([]) == []

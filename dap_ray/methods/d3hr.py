@@ -350,7 +350,7 @@ def invert_dataset(spec: InversionSpec, dataset: DatasetSplits, cache_dir: str, 
     soon as all its images are back (a killed run resumes class by class). While no alive node can place
     an inversion actor it says so, and gives up after `placement_timeout_s`."""
 
-    from dap_ray.bank import dataset_fingerprint, model_pipeline, pipeline_watch
+    from dap_ray.bank import dataset_fingerprint, model_pipeline
 
     key = spec.key(dataset_fingerprint(dataset))
     path = f"{cache_dir.rstrip('/')}/d3hr/{key}"
@@ -371,7 +371,7 @@ def invert_dataset(spec: InversionSpec, dataset: DatasetSplits, cache_dir: str, 
     paths = {r.id: r.path for r in todo}
     if todo:
         log.info("d3hr: inverting %d images of %d classes (%d steps) into %s", len(todo), len(expected), spec.steps, path)
-        ds = model_pipeline(todo, D3HRInverter, {"spec": spec, "classes": dataset.classes}, spec.resolution, spec.batch_size,
+        pipe = model_pipeline(todo, D3HRInverter, {"spec": spec, "classes": dataset.classes}, spec.resolution, spec.batch_size,
                             num_actors, gpus_per_actor, cpus_per_actor)
         from tqdm.auto import tqdm
 
@@ -399,8 +399,8 @@ def invert_dataset(spec: InversionSpec, dataset: DatasetSplits, cache_dir: str, 
             _write_atomic(class_stats_path(path, key_c), blob)
             computed.append(key_c)
 
-        watch = pipeline_watch("d3hr inversion", num_actors, gpus_per_actor, cpus_per_actor, placement_timeout_s)
-        for batch in iterate_watched(ds.iter_batches(batch_size=None, batch_format="numpy"), watch):
+        watch = pipe.watch("d3hr inversion", placement_timeout_s)
+        for batch in iterate_watched(pipe.dataset.iter_batches(batch_size=None, batch_format="numpy"), watch):
             labels = np.asarray(batch["label"])
             for label in np.unique(labels).tolist():
                 m = labels == label
