@@ -214,9 +214,8 @@ def collect(out: str, cells: Sequence[Cell]) -> list[dict]:
 
 
 def accs(rows: Sequence[dict], method: str, ipc: int, arch: str) -> dict[int, float]:
-    """{seed: accuracy} of one method at one IPC (grid, rbf and tuned cells; not the γ sweep's)."""
-    return {r["seed"]: r["acc"] for r in rows if r["method"] == method and r["ipc"] == ipc and r["arch"] == arch
-            and r["group"] != "gamma"}
+    """{seed: accuracy} of one method (its study label: the γ sweep's are "dap γ=<g>") at one IPC."""
+    return {r["seed"]: r["acc"] for r in rows if r["method"] == method and r["ipc"] == ipc and r["arch"] == arch}
 
 
 def fmt_ci(values: Sequence[float], digits: int = 1) -> str:
@@ -437,10 +436,11 @@ def write_study(out: str, plan: StudyPlan, cells: Sequence[Cell], machine: str) 
     methods = [*plan.methods, *(["dap_rbf"] if plan.rbf else []), *(["dap_tuned"] if any(c.group == "tuned" for c in cells) else [])]
     ipcs = sorted(plan.ipcs)
     prs = paired_rows(rows, ipcs, arch, [c for c in COMPARISONS if c[0] in methods and c[1] in methods]
-                      + ([("dap_tuned", "dap"), ("dap_tuned", "vanilla")] if "dap_tuned" in methods else []))
+                      + ([("dap_tuned", "dap"), ("dap_tuned", "vanilla")] if "dap_tuned" in methods else [])
+                      + [(f"dap γ={gamma_text(g)}", "dap") for g in plan.gammas])  # γ against the default γ, same seeds
     curves = {ipc: gamma_points(rows, ipc, arch, plan.gamma_seeds) for ipc in sorted(plan.gamma_ipcs)}
     f_acc = plot_accuracy_vs_ipc(rows, methods, ipcs, arch, str(figs / "accuracy_vs_ipc.png"))
-    f_pair = plot_paired([p for p in prs if p["a"] != "dap_tuned"], str(figs / "paired_differences.png"))
+    f_pair = plot_paired([p for p in prs if p["a"] in methods and p["a"] != "dap_tuned"], str(figs / "paired_differences.png"))
     f_gamma = plot_gamma(curves, str(figs / "gamma_tradeoff.png"))
     f_img = None
     pair_cell = next((c for c in reversed(cells) if c.group == "grid" and (cell_dir(out, c) / "results.json").exists()), None)
