@@ -553,6 +553,8 @@ def machine_text() -> str:
 def run_study(plan: StudyPlan, out: str, overrides: Sequence[str] = (), docs: str | None = None) -> str:
     """Run every cell that has not finished, then the sweep and its tuned cells; write study.md after
     each IPC's grid (a study stopped midway still has its tables so far). Returns study.md's path."""
+    if "://" in out:
+        raise UserError(f"--out {out}: the study writes a local folder (its runs can still read S3 data through overrides)")
     out = expand(out)
     Path(out).mkdir(parents=True, exist_ok=True)
     common = [f"cache_dir={expand(str(next((o.split('=', 1)[1] for o in overrides if o.startswith('cache_dir=')), '~/.cache/dap_ray')))}",

@@ -118,6 +118,8 @@ def test_trials_table_best_first(tmp_path):
 def test_cli_rejects_bad_seed_count(capsys):
     assert main(["--seeds", "0"]) == 2
     assert "--seeds" in capsys.readouterr().err
+    assert main(["--out", "s3://bucket/study"]) == 2
+    assert "local folder" in capsys.readouterr().err
 
 
 @pytest.mark.integration
