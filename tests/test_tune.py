@@ -283,6 +283,7 @@ def test_quick_sweep_end_to_end(tiny_dit_dir, tmp_path, cache_dir, ray_session, 
     for name in ("heatmap_gamma_t_stop", "acc_by_layer", "acc_by_gamma", "acc_by_t_stop"):
         with Image.open(out / "plots" / f"{name}.png") as im:
             assert im.format == "PNG" and im.size[0] > 200 and im.size[1] > 150
+        assert (out / "plots" / f"{name}.pdf").read_bytes().startswith(b"%PDF")  # the vector copy beside it
 
     # the best configuration: an override file distill accepts, the yaml, and one test-split result
     best = df.iloc[0]

@@ -9,6 +9,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
+from dap_ray.report import pyplot, save_figure
 from dap_ray.tune.space import Dim, plain
 from dap_ray.tune.trial import METRIC, TIME_ATTR, net_best_column, net_metric
 
@@ -82,25 +83,14 @@ def axis_labels(values: Any, dim: Dim, bins: int = 5) -> tuple[list[str], list[s
 
 
 def _save_fig(fig: Any, path: str) -> None:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    fs, p = fsspec.core.url_to_fs(path)
-    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-    fs.pipe_file(p, buf.getvalue())
+    """PNG and, beside it, PDF (the reports' `save_figure`), then free the figure."""
+    save_figure(fig, path)
+    pyplot().close(fig)
 
 
 def plot_heatmap(df: Any, dx: Dim, dy: Dim, path: str) -> None:
     """Mean best validation accuracy (%) per (x, y) cell over the trials in it; n trials per cell."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ok = df[df["status"] != "error"]
     xs, xl = axis_labels(ok[dx.key], dx)
     ys, yl = axis_labels(ok[dy.key], dy)
@@ -135,11 +125,7 @@ def plot_heatmap(df: Any, dx: Dim, dy: Dim, path: str) -> None:
 
 def plot_by_knob(df: Any, dim: Dim, path: str) -> None:
     """Best validation accuracy of every trial against one knob (points), with the mean per value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ok = df[df["status"] != "error"]
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     acc = 100.0 * ok["val_acc_best"].astype(float).to_numpy()
