@@ -59,7 +59,6 @@ log = logging.getLogger("dap_ray.study")
 
 GRID_METHODS = ("random_real", "vanilla", "dap", "d3hr", "diver")  # one distill run per (IPC, seed)
 COMPARISONS = (("dap", "vanilla"), ("dap", "random_real"), ("dap_rbf", "vanilla"), ("d3hr", "vanilla"), ("diver", "dap"))
-DEFAULT_GAMMA = 10.0  # dap_ray/conf/method/dap.yaml: the grid's dap and dap_rbf
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,6 @@ class Cell:
     seed: int
     overrides: tuple[str, ...]
     labels: dict[str, str] = field(default_factory=dict)  # method folder -> study label (dap -> dap_rbf, dap -> dap γ=40)
-    gamma: float | None = None
 
 
 def _list(values: Sequence[Any]) -> str:
@@ -116,13 +114,13 @@ def plan_cells(plan: StudyPlan, tuned_knobs: Sequence[str] = ()) -> list[Cell]:
             if plan.rbf:
                 cells.append(Cell(f"ipc{ipc}/seed{s}/rbf", "rbf", ipc, s, (*run, "methods=[dap]", "method=dap_rbf",
                                                                            f"bank.keep_per_class={plan.rbf_keep}"),
-                                  {"dap": "dap_rbf"}, DEFAULT_GAMMA))
+                                  {"dap": "dap_rbf"}))
     for ipc in sorted(plan.gamma_ipcs):
         for s in plan.gamma_seeds:
             run = (*base, f"ipc={ipc}", f"seed={s}", f"eval.seeds=[{s}]")
             for g in plan.gammas:
                 cells.append(Cell(f"ipc{ipc}/seed{s}/gamma{gamma_text(g)}", "gamma", ipc, s,
-                                  (*run, "methods=[dap]", f"method.gamma={g}"), {"dap": f"dap γ={gamma_text(g)}"}, g))
+                                  (*run, "methods=[dap]", f"method.gamma={g}"), {"dap": f"dap γ={gamma_text(g)}"}))
     if tuned_knobs:
         ipc = tune_ipc(plan)
         for s in plan.seeds:
@@ -132,7 +130,8 @@ def plan_cells(plan: StudyPlan, tuned_knobs: Sequence[str] = ()) -> list[Cell]:
 
 
 def tune_ipc(plan: StudyPlan) -> int:
-    return int(next((o.split("=", 1)[1] for o in plan.tune_overrides if o.startswith("tune.ipc=")), 2))  # conf/tune/default.yaml
+    """The IPC the sweep's trials sample: its config's tune.ipc with the plan's overrides."""
+    return int(compose("tune", list(plan.tune_overrides)).tune.ipc)
 
 
 # ---------------------------------------------------------------- running
@@ -142,12 +141,14 @@ def cell_dir(out: str, cell: Cell) -> Path:
     return Path(out) / "runs" / cell.name
 
 
+def finished_with(marker: Path, overrides: Sequence[str]) -> bool:
+    """A run's study marker (written when it finished) records exactly these overrides."""
+    return marker.exists() and json.loads(marker.read_text()).get("overrides") == list(overrides)
+
+
 def cell_done(out: str, cell: Cell, overrides: Sequence[str]) -> bool:
     d = cell_dir(out, cell)
-    marker = d / "study_cell.json"
-    if not (marker.exists() and (d / "results.json").exists()):
-        return False
-    return json.loads(marker.read_text()).get("overrides") == list(overrides)
+    return (d / "results.json").exists() and finished_with(d / "study_cell.json", overrides)
 
 
 def run_cell(out: str, cell: Cell, common: Sequence[str]) -> float:
@@ -169,7 +170,7 @@ def run_tune(out: str, plan: StudyPlan, common: Sequence[str]) -> list[str]:
     best = tdir / "best_config.yaml"
     marker = tdir / "study_tune.json"
     overrides = [*common, *plan.tune_overrides, f"out_dir={tdir}"]
-    if not (best.exists() and marker.exists() and json.loads(marker.read_text()).get("overrides") == overrides):
+    if not (best.exists() and finished_with(marker, overrides)):
         t0 = time.time()
         resume = ["tune.resume=true"] if (tdir / "sweep.json").exists() else []
         code = sweep.run(compose("tune", [*overrides, *resume]))
@@ -202,8 +203,8 @@ def collect(out: str, cells: Sequence[Cell]) -> list[dict]:
                 continue
             folder = r["method"]
             label = cell.labels.get(folder, folder)
-            gamma = cell.gamma if folder == "dap" and cell.gamma is not None else (DEFAULT_GAMMA if folder == "dap" else
-                                                                                 0.0 if folder == "vanilla" else None)
+            # the γ the images were guided with, from the run's own config (vanilla: none, i.e. γ 0)
+            gamma = float(res["config"]["method"]["gamma"]) if folder == "dap" else 0.0 if folder == "vanilla" else None
             m = metrics.get(folder, {})
             rows.append({"group": cell.group, "cell": cell.name, "ipc": cell.ipc, "seed": cell.seed, "method": label,
                          "arch": r["arch"], "gamma": gamma, "acc": 100.0 * float(r["acc"]), "epochs": r.get("epochs"),
@@ -292,6 +293,11 @@ def gamma_table(curves: dict[int, list[dict]]) -> str:
 # ---------------------------------------------------------------- figures
 
 
+def yerr(cis: Sequence[Any]) -> list[np.ndarray]:
+    """matplotlib's asymmetric error bars of MeanCIs: below and above the mean (none for n = 1)."""
+    return [np.array([c.mean - c.low if c.n > 1 else 0.0 for c in cis]), np.array([c.high - c.mean if c.n > 1 else 0.0 for c in cis])]
+
+
 def plot_accuracy_vs_ipc(rows: Sequence[dict], methods: Sequence[str], ipcs: Sequence[int], arch: str, path: str) -> str | None:
     plt = pyplot()
     colors = method_colors(methods)
@@ -309,9 +315,7 @@ def plot_accuracy_vs_ipc(rows: Sequence[dict], methods: Sequence[str], ipcs: Seq
             continue
         drawn = True
         means = np.array([cis[j].mean for j in ok])
-        lo = np.array([cis[j].mean - cis[j].low if cis[j].n > 1 else 0.0 for j in ok])
-        hi = np.array([cis[j].high - cis[j].mean if cis[j].n > 1 else 0.0 for j in ok])
-        ax.errorbar(x[ok] + off, means, yerr=[lo, hi], fmt="-o", color=colors[m], ms=4, capsize=3, lw=1.2, label=m)
+        ax.errorbar(x[ok] + off, means, yerr=yerr([cis[j] for j in ok]), fmt="-o", color=colors[m], ms=4, capsize=3, lw=1.2, label=m)
     if not drawn:
         plt.close(fig)
         return None
@@ -380,9 +384,7 @@ def plot_gamma(curves: dict[int, list[dict]], path: str) -> str | None:
             g = np.array([p["gamma"] for p in pts])
             cis = [mean_ci(p[key], CONFIDENCE) for p in pts]
             m = np.array([c.mean for c in cis])
-            lo = np.array([c.mean - c.low if c.n > 1 else 0.0 for c in cis])
-            hi = np.array([c.high - c.mean if c.n > 1 else 0.0 for c in cis])
-            ax.errorbar(g, m, yerr=[lo, hi], fmt="-o", ms=4, capsize=3, color=f"C{i}", label=f"IPC {ipc}")
+            ax.errorbar(g, m, yerr=yerr(cis), fmt="-o", ms=4, capsize=3, color=f"C{i}", label=f"IPC {ipc}")
         ax.set_xscale("symlog", linthresh=1.0)
         ax.set_xlabel("γ (0 = vanilla; symlog axis)")
         ax.set_ylabel(label, fontsize=7)
@@ -439,6 +441,7 @@ def write_study(out: str, plan: StudyPlan, cells: Sequence[Cell], machine: str) 
                       + ([("dap_tuned", "dap"), ("dap_tuned", "vanilla")] if "dap_tuned" in methods else [])
                       + [(f"dap γ={gamma_text(g)}", "dap") for g in plan.gammas])  # γ against the default γ, same seeds
     curves = {ipc: gamma_points(rows, ipc, arch, plan.gamma_seeds) for ipc in sorted(plan.gamma_ipcs)}
+    grid_gammas = sorted({r["gamma"] for r in rows if r["group"] == "grid" and r["method"] == "dap"})  # the default γ
     f_acc = plot_accuracy_vs_ipc(rows, methods, ipcs, arch, str(figs / "accuracy_vs_ipc.png"))
     f_pair = plot_paired([p for p in prs if p["a"] in methods and p["a"] != "dap_tuned"], str(figs / "paired_differences.png"))
     f_gamma = plot_gamma(curves, str(figs / "gamma_tradeoff.png"))
@@ -447,7 +450,7 @@ def write_study(out: str, plan: StudyPlan, cells: Sequence[Cell], machine: str) 
     if pair_cell is not None:
         res = json.loads((cell_dir(out, pair_cell) / "results.json").read_text())
         f_img = plot_pairs(str(cell_dir(out, pair_cell)), stored_classes(res), str(figs / "pairs_vanilla_dap.png"),
-                           f"γ {DEFAULT_GAMMA:g}, IPC {pair_cell.ipc}, seed {pair_cell.seed}")
+                           f"γ {', '.join(gamma_text(g) for g in grid_gammas)}, IPC {pair_cell.ipc}, seed {pair_cell.seed}")
     secs, parts = budget_line(out, cells)
     n_done = sum((cell_dir(out, c) / "results.json").exists() for c in cells)
 
@@ -462,7 +465,7 @@ def write_study(out: str, plan: StudyPlan, cells: Sequence[Cell], machine: str) 
           f"{n_done} of {len(cells)} distill runs finished. Machine: {machine}. Measured time of the runs: "
           f"{secs / 60:.0f} min ({parts}); cached banks, D3HR inversions and teachers are reused across runs.", "",
           f"Grid: IPC {ipcs}, seeds {list(plan.seeds)} (seed s = run seed s = training seed s), methods "
-          f"{', '.join(methods)}; evaluation {arch}, {evaluation_text(rows)}. γ sweep: γ ∈ {{0, {', '.join(gamma_text(g) for g in sorted({*plan.gammas, DEFAULT_GAMMA}))}}} at IPC "
+          f"{', '.join(methods)}; evaluation {arch}, {evaluation_text(rows)}. γ sweep: γ ∈ {{0, {', '.join(gamma_text(g) for g in sorted({*plan.gammas, *grid_gammas}))}}} at IPC "
           f"{list(plan.gamma_ipcs)} on seeds {list(plan.gamma_seeds)}.", "",
           f"**Cut from the full grid (to fit the budget):** {plan.cut}.", "",
           f"## Accuracy (%), {arch}: mean [95% t interval] ±population std, over seeds", "",
@@ -550,6 +553,11 @@ def machine_text() -> str:
     return f"{cpu}, {psutil.cpu_count()} logical cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {gpu}"
 
 
+def part_of(cell: Cell) -> tuple[str, int]:
+    """The study's parts whose end writes study.md: each IPC of the grid (with its rbf runs), of the γ sweep."""
+    return ("gamma" if cell.group == "gamma" else "grid", cell.ipc)
+
+
 def run_study(plan: StudyPlan, out: str, overrides: Sequence[str] = (), docs: str | None = None) -> str:
     """Run every cell that has not finished, then the sweep and its tuned cells; write study.md after
     each IPC's grid (a study stopped midway still has its tables so far). Returns study.md's path."""
@@ -557,8 +565,7 @@ def run_study(plan: StudyPlan, out: str, overrides: Sequence[str] = (), docs: st
         raise UserError(f"--out {out}: the study writes a local folder (its runs can still read S3 data through overrides)")
     out = expand(out)
     Path(out).mkdir(parents=True, exist_ok=True)
-    common = [f"cache_dir={expand(str(next((o.split('=', 1)[1] for o in overrides if o.startswith('cache_dir=')), '~/.cache/dap_ray')))}",
-              *[o for o in overrides if not o.startswith("cache_dir=")]]
+    common = list(overrides)  # cache_dir and the rest: the configs' own defaults unless given here
     (Path(out) / "study_plan.json").write_text(json.dumps({"plan": asdict(plan), "overrides": list(overrides)}, indent=1))
     machine = machine_text()
     cells = plan_cells(plan)
@@ -571,8 +578,7 @@ def run_study(plan: StudyPlan, out: str, overrides: Sequence[str] = (), docs: st
         left = (len(cells) - k) * ran_s / max(ran, 1)  # seconds, at the mean of the runs done this time
         log.info("study: %s %s; %.0f min so far, ~%.0f min left for the grid and γ runs", cell.name,
                  "reused (finished before)" if s == 0 else f"done in {s:.0f} s", (time.time() - t0) / 60, left / 60)
-        kind = lambda c: ("gamma" if c.group == "gamma" else "grid", c.ipc)  # noqa: E731
-        if k == len(cells) or kind(cells[k]) != kind(cell):  # tables and figures so far, after each IPC of a part
+        if k == len(cells) or part_of(cells[k]) != part_of(cell):  # tables and figures so far, after each IPC of a part
             write_study(out, plan, cells, machine)
     if plan.tune:
         log.info("study: the Tune sweep (%s)", " ".join(plan.tune_overrides))

@@ -53,7 +53,8 @@ def test_default_plan_composes_against_the_distill_schema():
     rbf = to_structured(compose("distill", list(picks["rbf"].overrides)))
     assert (rbf.method.kernel, rbf.bank.keep_per_class) == ("rbf", plan.rbf_keep)
     gam = to_structured(compose("distill", list(picks["gamma"].overrides)))
-    assert gam.method.gamma == picks["gamma"].gamma and gam.method.gamma != 10.0
+    assert gam.method.gamma == plan.gammas[-1] and picks["gamma"].labels == {"dap": f"dap γ={plan.gammas[-1]:g}"}
+    assert gam.method.gamma != to_structured(compose("distill", [])).method.gamma
     tun = to_structured(compose("distill", list(picks["tuned"].overrides)))
     assert (tun.method.gamma, tun.method.layer) == (3.5, "2")
 
