@@ -108,15 +108,20 @@ FAKE_KEY_ID = "AKIAFAKEKEYID7Q3ZP5W"
 FAKE_SECRET = "fAkE/SeCrEt+9d1c0ffee0ddba11-not-a-real-key"
 
 
+REFERENCE_IPC = 10  # images per class of the reference run (2 classes)
+
+
 def reference_overrides(model_dir: Path, out: Path, cache: Path) -> list[str]:
     """The reference run's overrides. The knobs that decide the images are pinned: the reference and
     the disturbed runs compose minutes apart."""
-    # Bank batches of 16, one image per sampler item and 20 DDIM steps: each bank actor gets several
-    # batches, a sampler method has more items (4) than a 3-node test cluster has nodes, and each item
-    # takes long enough that a test can take a node away while one is being worked on.
-    return small_overrides(model_dir, out, cache, **{"dataset.classes": "[0,1]", "eval.seeds": "[0,1]", "method.gamma": "5",
-                                                     "method.t_stop": "400", "sampler.cfg_scale": "2", "seed": "0", "bank.batch_size": "16",
-                                                     "sampler.steps": "20", "sampler.batch_size": "1"})
+    # Bank batches of 16: each bank actor gets several batches. One image per sampler item, IPC 10:
+    # a sampler method has 20 items, several per actor of a 3-node test cluster, rendered back to back.
+    # One item of the tiny DiT (20 DDIM steps) takes ~30 ms on a quiet machine, too short for a test to
+    # catch by itself; an actor working through its run of items is what gives a test the time to take
+    # its node while it renders one (or to kill the driver mid-sampling).
+    return small_overrides(model_dir, out, cache, **{"ipc": str(REFERENCE_IPC), "dataset.classes": "[0,1]", "eval.seeds": "[0,1]",
+                                                     "method.gamma": "5", "method.t_stop": "400", "sampler.cfg_scale": "2", "seed": "0",
+                                                     "bank.batch_size": "16", "sampler.steps": "20", "sampler.batch_size": "1"})
 
 
 def reference_cmd(model_dir: Path, out: Path, cache: Path) -> list[str]:
