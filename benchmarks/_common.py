@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dap_ray.report import md_table  # noqa: F401  (the benchmarks' tables are the reports' tables)
+from dap_ray.runtime import cpu_model, gpu_name
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "BENCHMARKS.md"
@@ -51,28 +52,6 @@ def ensure_repo_on_path() -> None:
 # ---------------------------------------------------------------------------------------------
 # machine description
 # ---------------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name (Linux /proc/cpuinfo; platform.processor() elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def gpu_name() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return f"{torch.cuda.get_device_name(0)} (x{torch.cuda.device_count()})"
-    except Exception:  # noqa: BLE001 - a broken CUDA install must not stop a CPU benchmark
-        pass
-    return "no GPU"
 
 
 def load_average() -> str:

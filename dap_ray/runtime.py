@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import queue
 import socket
 import sys
@@ -38,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from dap_ray.errors import ConfigError, UserError
@@ -467,3 +469,27 @@ def device_for(gpus: float) -> str:
     import torch
 
     return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (Linux /proc/cpuinfo; platform.processor() elsewhere), for the figures
+    that say which machine they were measured on."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def gpu_name() -> str:
+    """This machine's first CUDA device and how many there are, or "no GPU"."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name(0)} (x{torch.cuda.device_count()})"
+    except Exception:  # noqa: BLE001 - a broken CUDA install must not stop a CPU run that only describes the machine
+        pass
+    return "no GPU"

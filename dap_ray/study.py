@@ -50,6 +50,7 @@ from dap_ray.report import (
     save_figure,
     stored_classes,
 )
+from dap_ray.runtime import cpu_model, gpu_name
 from dap_ray.stats import holm, mean_ci, paired_difference
 from dap_ray.storage import expand
 from dap_ray.tune import sweep
@@ -542,15 +543,9 @@ def publish(out: str, docs: str) -> None:
 
 
 def machine_text() -> str:
-    import platform
-
     import psutil
-    import torch
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")),
-               platform.processor() or "unknown CPU") if Path("/proc/cpuinfo").exists() else platform.processor()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {psutil.cpu_count()} logical cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {gpu}"
+    return f"{cpu_model()}, {psutil.cpu_count()} logical cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {gpu_name()}"
 
 
 def part_of(cell: Cell) -> tuple[str, int]:
