@@ -6,7 +6,9 @@ through the same code path as real ones.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,6 +63,24 @@ def save_tiny_dit(path: Path, *, num_classes: int = 10, sample_size: int = 8, in
     if class_names is not None:
         (path / "classes.json").write_text(json.dumps({"classes": class_names}))
     return path
+
+
+@contextlib.contextmanager
+def diffusers_warnings() -> Iterator[list[str]]:
+    """The warnings diffusers logs while the block runs (its loggers do not propagate to the root
+    logger, so caplog does not see them)."""
+    said: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        yield said
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
 
 
 @pytest.fixture(scope="session")

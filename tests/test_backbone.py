@@ -11,7 +11,7 @@ from dap_ray.backbones import load_backbone, model_fingerprint, pool_features
 from dap_ray.backbones.dit import DIGITS_DIT_DIR, DiTBackbone
 from dap_ray.data.types import ClassInfo
 from dap_ray.errors import ConfigError, UnsafeWeightsError, UserError
-from tests.conftest import check_shared_prefix
+from tests.conftest import check_shared_prefix, diffusers_warnings
 
 pytestmark = pytest.mark.unit
 
@@ -36,6 +36,20 @@ def test_save_load_round_trip_same_outputs(tiny_dit_dir, bb):
         ref = raw(x, timestep=t, class_labels=y, return_dict=False)[0]
         out = bb.eps(x, t, y)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_bf16_weights_are_read_as_bf16_without_a_cast_warning(tiny_dit_dir):
+    """A bf16 actor reads the weights straight into bf16 (from_pretrained's torch_dtype): every tensor is
+    the fp32 weight rounded to bf16, as a cast would give, and diffusers' warning about casting a loaded
+    model with `.to(dtype)` is not raised."""
+    with diffusers_warnings() as said:
+        b16 = DiTBackbone.from_pretrained(str(tiny_dit_dir), dtype=torch.bfloat16)
+    fp32 = DiTBackbone.from_pretrained(str(tiny_dit_dir))
+    assert not [m for m in said if "float32" in m], said
+    assert {p.dtype for p in b16.transformer.parameters()} == {torch.bfloat16} and b16.dtype == torch.bfloat16
+    ref = fp32.transformer.state_dict()
+    for k, v in b16.transformer.state_dict().items():
+        assert torch.equal(v, ref[k].to(v.dtype)), k
 
 
 def test_pinned_output_slice():

@@ -16,7 +16,7 @@ from PIL import Image
 from dap_ray.backbones import load_backbone
 from dap_ray.data.types import ClassInfo
 from dap_ray.errors import ConfigError, UnsafeWeightsError, UserError
-from tests.conftest import check_shared_prefix, small_overrides
+from tests.conftest import check_shared_prefix, diffusers_warnings, small_overrides
 
 pytestmark = pytest.mark.unit
 
@@ -331,6 +331,19 @@ def test_fp16_variant_only_dir_loads(sd_dir, tmp_path):
     for b in (bb, ref):
         b.bind_classes(CLASSES)
     torch.testing.assert_close(bb.eps(_latents(1), 100, torch.tensor([1])), ref.eps(_latents(1), 100, torch.tensor([1])))
+
+
+@pytest.mark.parametrize("dtype, vae_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+def test_half_precision_weights_are_read_in_that_dtype(sd_dir, dtype, vae_dtype):
+    """The U-Net and the VAE are read straight into the run's dtype, without diffusers' `.to(dtype)` cast
+    warning; in fp16 the VAE stays fp32 (its config says force_upcast: SD's VAE overflows in fp16)."""
+    from dap_ray.backbones.sd import SDBackbone
+
+    with diffusers_warnings() as said:
+        bb = SDBackbone.from_pretrained(str(sd_dir), dtype=dtype)
+    assert not [m for m in said if "float32" in m], said
+    assert {p.dtype for p in bb.unet.parameters()} == {dtype} and {p.dtype for p in bb.text_encoder.parameters()} == {dtype}
+    assert {p.dtype for p in bb.vae.parameters()} == {vae_dtype} == {bb.vae_dtype}
 
 
 # ---------------------------------------------------------------------------------------------- memory: independent of N

@@ -232,6 +232,17 @@ def load_checked(loader: Any, directory: Path, what: str, **kwargs: Any) -> Any:
     return model
 
 
+def frozen_on(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The module frozen, in eval mode, on `device` and in `dtype`. It is cast only when its weights are
+    in another dtype: `from_pretrained` reads them straight into the run's dtype (`torch_dtype`), the way
+    diffusers asks for, and its `.to(dtype)` warns about keep-in-fp32 modules on every cast (once per
+    actor and model part in a GPU run's log). The peak host memory of a load is the same either way
+    (measured: the fp32 safetensors file is memory-mapped while the weights are read)."""
+    current = next((p.dtype for p in module.parameters()), dtype)
+    module = module.to(device) if current == dtype else module.to(device, dtype)
+    return module.eval().requires_grad_(False)
+
+
 class Backbone(ABC):
     """A class-conditional latent (or pixel) diffusion model behind one interface.
 

@@ -8,6 +8,7 @@ Layers are the transformer blocks, named "0".."depth-1"; a block outputs (B, tok
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from dap_ray.backbones.base import (
     Backbone,
+    frozen_on,
     load_checked,
     load_scheduler,
     load_structure,
@@ -27,10 +29,6 @@ from dap_ray.data.types import ClassInfo
 from dap_ray.errors import UserError
 
 DIGITS_DIT_DIR = Path(__file__).resolve().parent.parent / "zoo" / "digits_dit"
-
-
-def _to(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    return module.to(device) if dtype == torch.float32 else module.to(device, dtype)
 
 
 class DiTBackbone(Backbone):
@@ -48,8 +46,8 @@ class DiTBackbone(Backbone):
         self.name = name
         self.device = torch.device(device)
         self.dtype = dtype
-        self.transformer = _to(transformer, self.device, dtype).eval().requires_grad_(False)
-        self.vae = _to(vae, self.device, dtype).eval().requires_grad_(False) if vae is not None else None
+        self.transformer = frozen_on(transformer, self.device, dtype)
+        self.vae = frozen_on(vae, self.device, dtype) if vae is not None else None
         cfg = transformer.config
         self.num_model_classes = int(cfg.num_embeds_ada_norm)  # null class id = num_model_classes
         self.in_channels = int(cfg.in_channels)
@@ -85,7 +83,8 @@ class DiTBackbone(Backbone):
         tdir = root / "transformer"
         if not tdir.is_dir() and (root / "config.json").is_file():
             tdir = root  # a bare transformer directory
-        load = load_structure if str(device) == "meta" else load_checked  # meta: the driver's copy, configs only
+        # meta: the driver's copy, configs only; otherwise the weights are read straight into the run's dtype
+        load = load_structure if str(device) == "meta" else functools.partial(load_checked, torch_dtype=dtype)
         transformer = load(DiTTransformer2DModel, tdir, "DiT transformer")
         vae = None
         if (root / "vae").is_dir():

@@ -26,7 +26,14 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import nn
 
-from dap_ray.backbones.base import Backbone, load_checked, load_scheduler, load_structure, resolve_model_dir
+from dap_ray.backbones.base import (
+    Backbone,
+    frozen_on,
+    load_checked,
+    load_scheduler,
+    load_structure,
+    resolve_model_dir,
+)
 from dap_ray.data.types import ClassInfo
 from dap_ray.errors import ConfigError, UserError
 
@@ -44,12 +51,6 @@ def _variant(component_dir: Path) -> str | None:
         return None
     variants = sorted({m.group(1) for n in names if (m := _VARIANT_RE.match(n))})
     return variants[0] if variants else None
-
-
-def _to(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Frozen, in eval mode, on the device; cast only to a half precision (the weights load as fp32)."""
-    module = module.to(device) if dtype == torch.float32 else module.to(device, dtype)
-    return module.eval().requires_grad_(False)
 
 
 class SDBackbone(Backbone):
@@ -72,11 +73,11 @@ class SDBackbone(Backbone):
         self.device = torch.device(device)
         self.dtype = dtype
         self.prompt_template = _check_template(prompt_template)
-        self.unet = _to(unet, self.device, dtype)
+        self.unet = frozen_on(unet, self.device, dtype)
         # SD's VAE overflows in fp16 (its config says force_upcast): keep it in fp32 then; bf16 is fine.
         self.vae_dtype = torch.float32 if dtype == torch.float16 and getattr(vae.config, "force_upcast", False) else dtype
-        self.vae = _to(vae, self.device, self.vae_dtype)
-        self.text_encoder = _to(text_encoder, self.device, dtype)
+        self.vae = frozen_on(vae, self.device, self.vae_dtype)
+        self.text_encoder = frozen_on(text_encoder, self.device, dtype)
         self.tokenizer = tokenizer
 
         cfg = unet.config
@@ -149,8 +150,12 @@ class SDBackbone(Backbone):
             vae = load_structure(AutoencoderKL, root / "vae", "vae", _variant(root / "vae"))
             text_encoder = load_structure(CLIPTextModel, root / "text_encoder", "text_encoder", _variant(root / "text_encoder"))
         else:
-            unet = load_checked(UNet2DConditionModel, root / "unet", "unet", variant=_variant(root / "unet"))
-            vae = load_checked(AutoencoderKL, root / "vae", "vae", variant=_variant(root / "vae"))
+            # the weights read straight into the run's dtype (the VAE in fp32 for fp16: its force_upcast
+            # is read in __init__); the text encoder loads in fp32 and is cast there (transformers renamed
+            # torch_dtype between the versions we support, and it runs once per class list)
+            unet = load_checked(UNet2DConditionModel, root / "unet", "unet", variant=_variant(root / "unet"), torch_dtype=dtype)
+            vae = load_checked(AutoencoderKL, root / "vae", "vae", variant=_variant(root / "vae"),
+                               torch_dtype=torch.float32 if dtype == torch.float16 else dtype)
             text_encoder = load_checked(CLIPTextModel, root / "text_encoder", "text_encoder", variant=_variant(root / "text_encoder"),
                                         local_files_only=True)
         try:
