@@ -108,8 +108,8 @@ def plot_heatmap(df: Any, dx: Dim, dy: Dim, path: str) -> None:
     for i in range(len(yl)):
         for j in range(len(xl)):
             if n[i, j]:
-                mark = f", {stopped[i, j]} stopped" if stopped[i, j] else ""
-                ax.text(j, i, f"{acc[i, j]:.1f}\n(n={n[i, j]}{mark})", ha="center", va="center", fontsize=8,
+                mark = f"\n{stopped[i, j]} stopped" if stopped[i, j] else ""  # a line of its own: one line overflows the cell
+                ax.text(j, i, f"{acc[i, j]:.1f}\nn={n[i, j]}{mark}", ha="center", va="center", fontsize=8,
                         color="white" if acc[i, j] < np.nanmean(acc) else "black")
     ax.set_xticks(range(len(xl)), xl, rotation=30 if len(xl) > 4 else 0)
     ax.set_yticks(range(len(yl)), yl)
