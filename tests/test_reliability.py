@@ -92,11 +92,17 @@ def _sampler_job(model_dir: Path, out: Path, steps: int = 8) -> SamplerJob:
 # ---------------------------------------------------------------------------------------------
 
 
+# Images per class of the sampler-fault tests: 24 items of 2 images. An item of the tiny DiT (8 steps)
+# renders in ~15 ms on a quiet machine, so a run of 8 items could end before a killer polling every
+# 50 ms saw its first image; 24 give the kill time to land mid-run.
+FAULT_IPC = 12
+
+
 @pytest.fixture(scope="module")
 def undisturbed_samples(tiny_dit_dir, ray_session, tmp_path_factory):
-    """4 classes x IPC 4 in items of 2, rendered by one actor that nobody disturbs."""
+    """4 classes x FAULT_IPC in items of 2, rendered by one actor that nobody disturbs."""
     out = tmp_path_factory.mktemp("undisturbed")
-    items = work_items("vanilla", 4, 4, 2)
+    items = work_items("vanilla", 4, FAULT_IPC, 2)
     rows = run_pool(_sampler_job(tiny_dit_dir, out), items, num_actors=1, progress=False)
     return out, items, rows
 
@@ -134,14 +140,15 @@ def test_sampler_actor_killed_mid_run(how, tiny_dit_dir, ray_session, undisturbe
         rows = pool.run(_sampler_job(tiny_dit_dir, out), items, progress=False)
     th.join(timeout=30)
     assert killed.get("done"), "the actor was not killed during the run"
-    assert killed["images_before"] < 16, "the kill came after the run had finished: nothing was tested"
+    assert killed["images_before"] < 4 * FAULT_IPC, "the kill came after the run had finished: nothing was tested"
+    assert pool.replaced >= 1, "the pool never saw an actor die: the kill came after its last item"
     if "pid" in killed:
         assert not psutil.pid_exists(killed["pid"]) or psutil.Process(killed["pid"]).status() == psutil.STATUS_ZOMBIE
     for c in CLASSES[:4]:
         names = sorted(p.name for p in (out / "images" / c.key).iterdir() if p.suffix == ".png")
-        assert names == [f"{i:05d}.png" for i in range(4)], names
+        assert names == [f"{i:05d}.png" for i in range(FAULT_IPC)], names
     keys = [(r["class"], r["index"]) for r in rows]
-    assert len(keys) == len(set(keys)) == 16
+    assert len(keys) == len(set(keys)) == 4 * FAULT_IPC
     assert sorted(keys) == sorted((r["class"], r["index"]) for r in ref_rows)
     assert _digest(out) == _digest(ref_dir)
 
@@ -312,7 +319,7 @@ def test_sampler_regenerates_half_written_images(tiny_dit_dir, ray_session, undi
     rows = run_pool(_sampler_job(tiny_dit_dir, out), items, num_actors=1, progress=False)
     assert _digest(out) == _digest(ref_dir)
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in untouched} == untouched
-    assert len(rows) == 16 and len({(r["class"], r["index"]) for r in rows}) == 16
+    assert len(rows) == 4 * FAULT_IPC and len({(r["class"], r["index"]) for r in rows}) == 4 * FAULT_IPC
 
 
 # ---------------------------------------------------------------------------------------------
