@@ -333,14 +333,19 @@ def test_fp16_variant_only_dir_loads(sd_dir, tmp_path):
     torch.testing.assert_close(bb.eps(_latents(1), 100, torch.tensor([1])), ref.eps(_latents(1), 100, torch.tensor([1])))
 
 
-@pytest.mark.parametrize("dtype, vae_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
-def test_half_precision_weights_are_read_in_that_dtype(sd_dir, dtype, vae_dtype):
+@pytest.mark.parametrize("dtype, force_upcast, vae_dtype", [(torch.bfloat16, True, torch.bfloat16), (torch.float16, True, torch.float32),
+                                                           (torch.float16, False, torch.float16)])
+def test_half_precision_weights_are_read_in_that_dtype(sd_dir, tmp_path, dtype, force_upcast, vae_dtype):
     """The U-Net and the VAE are read straight into the run's dtype, without diffusers' `.to(dtype)` cast
-    warning; in fp16 the VAE stays fp32 (its config says force_upcast: SD's VAE overflows in fp16)."""
+    warning; in fp16 the VAE stays fp32 if its config says force_upcast (SD's VAE overflows in fp16)."""
     from dap_ray.backbones.sd import SDBackbone
 
+    d = tmp_path / "sd"
+    shutil.copytree(sd_dir, d)
+    cfg = json.loads((d / "vae" / "config.json").read_text())
+    (d / "vae" / "config.json").write_text(json.dumps({**cfg, "force_upcast": force_upcast}))
     with diffusers_warnings() as said:
-        bb = SDBackbone.from_pretrained(str(sd_dir), dtype=dtype)
+        bb = SDBackbone.from_pretrained(str(d), dtype=dtype)
     assert not [m for m in said if "float32" in m], said
     assert {p.dtype for p in bb.unet.parameters()} == {dtype} and {p.dtype for p in bb.text_encoder.parameters()} == {dtype}
     assert {p.dtype for p in bb.vae.parameters()} == {vae_dtype} == {bb.vae_dtype}

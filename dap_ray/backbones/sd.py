@@ -32,6 +32,7 @@ from dap_ray.backbones.base import (
     load_checked,
     load_scheduler,
     load_structure,
+    read_json,
     resolve_model_dir,
 )
 from dap_ray.data.types import ClassInfo
@@ -51,6 +52,11 @@ def _variant(component_dir: Path) -> str | None:
         return None
     variants = sorted({m.group(1) for n in names if (m := _VARIANT_RE.match(n))})
     return variants[0] if variants else None
+
+
+def vae_dtype_for(dtype: torch.dtype, force_upcast: bool) -> torch.dtype:
+    """SD's VAE overflows in fp16 (its config says force_upcast): it stays fp32 then; bf16 is fine."""
+    return torch.float32 if dtype == torch.float16 and force_upcast else dtype
 
 
 class SDBackbone(Backbone):
@@ -74,8 +80,7 @@ class SDBackbone(Backbone):
         self.dtype = dtype
         self.prompt_template = _check_template(prompt_template)
         self.unet = frozen_on(unet, self.device, dtype)
-        # SD's VAE overflows in fp16 (its config says force_upcast): keep it in fp32 then; bf16 is fine.
-        self.vae_dtype = torch.float32 if dtype == torch.float16 and getattr(vae.config, "force_upcast", False) else dtype
+        self.vae_dtype = vae_dtype_for(dtype, bool(getattr(vae.config, "force_upcast", False)))
         self.vae = frozen_on(vae, self.device, self.vae_dtype)
         self.text_encoder = frozen_on(text_encoder, self.device, dtype)
         self.tokenizer = tokenizer
@@ -150,12 +155,12 @@ class SDBackbone(Backbone):
             vae = load_structure(AutoencoderKL, root / "vae", "vae", _variant(root / "vae"))
             text_encoder = load_structure(CLIPTextModel, root / "text_encoder", "text_encoder", _variant(root / "text_encoder"))
         else:
-            # the weights read straight into the run's dtype (the VAE in fp32 for fp16: its force_upcast
-            # is read in __init__); the text encoder loads in fp32 and is cast there (transformers renamed
-            # torch_dtype between the versions we support, and it runs once per class list)
+            # the weights read straight into the run's dtype (the VAE's as __init__ will keep it); the text
+            # encoder loads in fp32 and is cast in __init__ (transformers renamed torch_dtype between the
+            # versions we support, and it runs once per class list)
+            upcast = bool(read_json(root / "vae" / "config.json").get("force_upcast", True))  # diffusers' default
             unet = load_checked(UNet2DConditionModel, root / "unet", "unet", variant=_variant(root / "unet"), torch_dtype=dtype)
-            vae = load_checked(AutoencoderKL, root / "vae", "vae", variant=_variant(root / "vae"),
-                               torch_dtype=torch.float32 if dtype == torch.float16 else dtype)
+            vae = load_checked(AutoencoderKL, root / "vae", "vae", variant=_variant(root / "vae"), torch_dtype=vae_dtype_for(dtype, upcast))
             text_encoder = load_checked(CLIPTextModel, root / "text_encoder", "text_encoder", variant=_variant(root / "text_encoder"),
                                         local_files_only=True)
         try:
