@@ -129,11 +129,13 @@ def _pipe(path: str, data: bytes) -> None:
 
 
 def save_figure(fig: Any, png_path: str) -> str:
-    """A matplotlib figure as PNG and, beside it, PDF (vector, for papers); returns the PNG path."""
+    """A matplotlib figure as PNG and, beside it, PDF (vector, for papers), then closed (pyplot keeps
+    every open figure alive until then); returns the PNG path."""
     for fmt in ("png", "pdf"):
         buf = io.BytesIO()
         fig.savefig(buf, format=fmt, dpi=150, bbox_inches="tight")
         _pipe(png_path[: -len(".png")] + f".{fmt}", buf.getvalue())
+    pyplot().close(fig)
     return png_path
 
 
@@ -209,7 +211,6 @@ def plot_accuracy(rows: Sequence[dict], methods: Sequence[str], archs: Sequence[
     fig.text(0.5, -0.03, caption, ha="center", va="top", fontsize=7, wrap=True)
     fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)
     return path
 
 
@@ -254,7 +255,6 @@ def plot_curves(rows: Sequence[dict], methods: Sequence[str], archs: Sequence[st
     fig.suptitle("Test accuracy during training: mean over seeds (thick), each seed (thin)", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)
     return path
 
 
@@ -275,7 +275,6 @@ def plot_tsne(tsne: Sequence[dict], path: str) -> str | None:
         ax.set_yticks([])
     fig.suptitle("t-SNE of backbone features, colour = class", fontsize=9)
     save_figure(fig, path)
-    plt.close(fig)
     return path
 
 

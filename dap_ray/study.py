@@ -329,7 +329,6 @@ def plot_accuracy_vs_ipc(rows: Sequence[dict], methods: Sequence[str], ipcs: Seq
     ax.set_title("Accuracy against IPC: mean and 95% t interval over seeds (open dots: each seed)", fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)
     return path
 
 
@@ -365,7 +364,6 @@ def plot_paired(prs: Sequence[dict], path: str) -> str | None:
                  fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)
     return path
 
 
@@ -396,7 +394,6 @@ def plot_gamma(curves: dict[int, list[dict]], path: str) -> str | None:
                  "ConvNet teacher's features)", fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)
     return path
 
 

@@ -82,12 +82,6 @@ def axis_labels(values: Any, dim: Dim, bins: int = 5) -> tuple[list[str], list[s
     return [labels[i] for i in idx], labels
 
 
-def _save_fig(fig: Any, path: str) -> None:
-    """PNG and, beside it, PDF (the reports' `save_figure`), then free the figure."""
-    save_figure(fig, path)
-    pyplot().close(fig)
-
-
 def plot_heatmap(df: Any, dx: Dim, dy: Dim, path: str) -> None:
     """Mean best validation accuracy (%) per (x, y) cell over the trials in it; n trials per cell."""
     plt = pyplot()
@@ -120,7 +114,7 @@ def plot_heatmap(df: Any, dx: Dim, dy: Dim, path: str) -> None:
         title += "\n(stopped: ended early by ASHA, at fewer epochs)"
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="mean best val acc (%)")
-    _save_fig(fig, path)
+    save_figure(fig, path)
 
 
 def plot_by_knob(df: Any, dim: Dim, path: str) -> None:
@@ -154,7 +148,7 @@ def plot_by_knob(df: Any, dim: Dim, path: str) -> None:
     ax.set_ylabel("best val acc (%)")
     ax.set_title(f"validation accuracy by {dim.key.split('.')[-1]}")
     ax.legend(fontsize=7)
-    _save_fig(fig, path)
+    save_figure(fig, path)
 
 
 def write_plots(df: Any, dims: Sequence[Dim], out_dir: str) -> list[str]:
