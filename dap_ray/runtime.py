@@ -29,6 +29,7 @@ forwarded by name when attaching from outside a job submission.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import platform
@@ -270,8 +271,14 @@ T = TypeVar("T")
 def iterate_watched(items: Iterable[T], watch: CapacityWatch) -> Iterator[T]:
     """The items of `items` (a blocking iterator, e.g. a Ray Data stream), produced on a background
     thread so that `watch.check()` runs whenever none arrived for `watch.poll_s`; an error of the
-    producer is raised here. If the consumer stops (the watch gave up), the producer thread stops at
-    its next item."""
+    producer is raised here.
+
+    If the consumer stops early (the watch gave up, its own error, a `break`), the stream is ended
+    before this returns: the producer is usually blocked inside `next()` waiting for an item that will
+    not come (a Ray Data stream whose actor fits no node), so it is interrupted there (`_interrupt`).
+    A Ray Data stream then shuts its executor down, pending actors included; left running, that
+    executor outlived the run, kept asking the cluster for the actor, and after `ray.shutdown()` at
+    exit called Ray again, which started a new local Ray in a process that was ending."""
     q: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
     end = object()
@@ -293,6 +300,8 @@ def iterate_watched(items: Iterable[T], watch: CapacityWatch) -> Iterator[T]:
                     break
             else:
                 give((end, None))
+        except _StreamStopped:
+            pass
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
             give((end, e))
         finally:
@@ -300,10 +309,16 @@ def iterate_watched(items: Iterable[T], watch: CapacityWatch) -> Iterator[T]:
             if stop.is_set() and close is not None:  # the consumer gave up: end the stream here, quietly
                 try:
                     close()
-                except Exception:  # noqa: BLE001 - its errors have no one to go to
+                except BaseException:  # noqa: BLE001 - its errors have no one to go to (nor a second interrupt)
                     pass
 
-    thread = threading.Thread(target=produce, name="iterate_watched", daemon=True)
+    def run() -> None:
+        try:
+            produce()
+        except _StreamStopped:  # the interrupt arrived after produce's own handlers: nothing left to end
+            pass
+
+    thread = threading.Thread(target=run, name="iterate_watched", daemon=True)
     thread.start()
     try:
         while True:
@@ -319,6 +334,31 @@ def iterate_watched(items: Iterable[T], watch: CapacityWatch) -> Iterator[T]:
             yield item
     finally:
         stop.set()
+        thread.join(timeout=0.5)  # a producer that was between items sees `stop` by itself
+        if thread.is_alive():
+            _interrupt(thread)
+            thread.join(timeout=STREAM_STOP_TIMEOUT_S)
+            if thread.is_alive():
+                log.warning("a stream did not end within %gs of being stopped; it is left to end by itself", STREAM_STOP_TIMEOUT_S)
+
+
+STREAM_STOP_TIMEOUT_S = 30.0  # a Ray Data executor's shutdown joins its loop for 2 s, then kills its actors
+
+
+class _StreamStopped(BaseException):
+    """Raised inside a producer thread whose consumer has stopped; a BaseException so that no
+    `except Exception` of the stream swallows it (Ray Data's iterator ends its executor on any)."""
+
+
+def _interrupt(thread: threading.Thread) -> None:
+    """Raise _StreamStopped in `thread` at its next Python instruction. A thread blocked in Python
+    code (Ray Data's output wait is a 10 ms sleep loop) ends there; Python has no other way to stop a
+    thread that waits inside a library we do not control (PyThreadState_SetAsyncExc, the C API)."""
+    if thread.ident is None:
+        return
+    n = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_StreamStopped))
+    if n > 1:  # never for a real thread id; the C API asks to undo it if it happens
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), None)
 
 
 MIN_ACTOR_CPUS = 0.1  # below this an actor's share is no share: use fewer actors instead

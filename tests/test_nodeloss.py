@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -240,6 +241,39 @@ def test_iterate_watched_yields_in_order_checks_while_waiting_and_raises_the_pro
     assert list(iterate_watched(iter(range(100)), Watch())) == list(range(100))
 
 
+@pytest.mark.unit
+def test_iterate_watched_ends_a_stream_blocked_in_next_when_the_watch_gives_up():
+    """The producer waits inside the stream for an item that never comes (as Ray Data waits for an
+    actor that fits no node): when the watch gives up, the stream is interrupted there and its own
+    cleanup runs before the error reaches the caller; no thread is left behind."""
+    ended = threading.Event()
+
+    class Watch:
+        poll_s = 0.05
+        calls = 0
+
+        def check(self):
+            self.calls += 1
+            if self.calls > 4:
+                raise UserError("gave up")
+
+    def stuck():
+        yield 0
+        try:
+            while True:  # Ray Data's output wait: a short sleep in a Python loop
+                time.sleep(0.01)
+        finally:
+            ended.set()  # where Ray Data shuts its executor (and its pending actors) down
+
+    got = []
+    with pytest.raises(UserError, match="gave up"):
+        for x in iterate_watched(stuck(), Watch()):
+            got.append(x)
+    assert got == [0]
+    assert ended.is_set(), "the stream was still waiting after the caller had the error"
+    assert not [t for t in threading.enumerate() if t.name == "iterate_watched"]
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_evaluation_that_fits_no_node_says_so_and_gives_up(ray_session, cache_dir, tmp_path, caplog):
@@ -288,6 +322,10 @@ def test_bank_whose_actor_fits_no_node_says_so_and_gives_up(tiny_dit_dir, ray_se
     said = [r.getMessage() for r in caplog.records if "waiting for capacity" in r.getMessage()]
     assert said and said[0].startswith("bank: waiting for capacity"), said
     assert not list((tmp_path / "cache").rglob("_COMMIT"))
+    # the Ray Data stream was ended, not left waiting for its actor: its executor thread would otherwise
+    # outlive the run, keep asking for a GPU, and call Ray after ray.shutdown() (a new local Ray at exit)
+    left = [t.name for t in threading.enumerate() if t.name.startswith(("StreamingExecutor-", "iterate_watched"))]
+    assert not left, left
 
 
 # ---------------------------------------------------------------------------------------------
