@@ -38,6 +38,7 @@ import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -712,14 +713,17 @@ def build_bank(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=sum(len(ch.records) for ch in todo), desc="feature bank", unit="img", disable=not progress)
-        for batch in iterate_watched(pipe.dataset.iter_batches(batch_size=1, batch_format="numpy"), pipe.watch("bank", placement_timeout_s)):
-            if first_batch_at is None:
-                first_batch_at = time.time() - t0
-            for k, n in zip(batch["chunk"], batch["n"]):
-                ready.add(int(k))
-                n_images += int(n)
-                bar.update(int(n))
-            fold_ready()
+        # closing(): an error while folding ends the stream here, not when its traceback is freed
+        with closing(iterate_watched(pipe.dataset.iter_batches(batch_size=1, batch_format="numpy"),
+                                     pipe.watch("bank", placement_timeout_s))) as batches:
+            for batch in batches:
+                if first_batch_at is None:
+                    first_batch_at = time.time() - t0
+                for k, n in zip(batch["chunk"], batch["n"]):
+                    ready.add(int(k))
+                    n_images += int(n)
+                    bar.update(int(n))
+                fold_ready()
         bar.close()
     fold_ready()
     if pos < len(needed):  # a chunk the pipeline never returned: a bug, never a silent partial bank

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pandas as pd
@@ -271,6 +272,34 @@ def test_iterate_watched_ends_a_stream_blocked_in_next_when_the_watch_gives_up()
             got.append(x)
     assert got == [0]
     assert ended.is_set(), "the stream was still waiting after the caller had the error"
+    assert not [t for t in threading.enumerate() if t.name == "iterate_watched"]
+
+
+@pytest.mark.unit
+def test_iterate_watched_ends_the_stream_when_the_consumer_fails_while_it_waits():
+    """The consumer fails on an item (a write error) while the producer waits for the next one:
+    closing the iteration (how bank and D3HR use it) ends the stream, as a give-up does."""
+    ended = threading.Event()
+
+    class Watch:
+        poll_s = 0.05
+
+        def check(self):
+            pass
+
+    def stuck():
+        yield 0
+        try:
+            while True:
+                time.sleep(0.01)
+        finally:
+            ended.set()
+
+    with pytest.raises(OSError, match="disk full"), closing(iterate_watched(stuck(), Watch())) as items:
+        for _ in items:
+            time.sleep(0.1)  # the producer is inside the stream's wait by now
+            raise OSError("disk full")
+    assert ended.is_set()
     assert not [t for t in threading.enumerate() if t.name == "iterate_watched"]
 
 

@@ -54,6 +54,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -400,15 +401,17 @@ def invert_dataset(spec: InversionSpec, dataset: DatasetSplits, cache_dir: str, 
             computed.append(key_c)
 
         watch = pipe.watch("d3hr inversion", placement_timeout_s)
-        for batch in iterate_watched(pipe.dataset.iter_batches(batch_size=None, batch_format="numpy"), watch):
-            labels = np.asarray(batch["label"])
-            for label in np.unique(labels).tolist():
-                m = labels == label
-                pending.setdefault(label, []).append({k: np.asarray(batch[k])[m] for k in ("id", "ok", "latent", "reason")})
-                received[label] += int(m.sum())
-                if received[label] == expected[label]:
-                    flush(label)
-            bar.update(len(labels))
+        # closing(): an error while writing a class ends the stream here, not when its traceback is freed
+        with closing(iterate_watched(pipe.dataset.iter_batches(batch_size=None, batch_format="numpy"), watch)) as batches:
+            for batch in batches:
+                labels = np.asarray(batch["label"])
+                for label in np.unique(labels).tolist():
+                    m = labels == label
+                    pending.setdefault(label, []).append({k: np.asarray(batch[k])[m] for k in ("id", "ok", "latent", "reason")})
+                    received[label] += int(m.sum())
+                    if received[label] == expected[label]:
+                        flush(label)
+                bar.update(len(labels))
         bar.close()
         if pending:  # every image comes back exactly once; anything else is a bug, not a user error
             raise RuntimeError(f"d3hr inversion: incomplete classes {sorted(pending)} ({dict(received)} of {dict(expected)})")
