@@ -7,6 +7,7 @@ through the same code path as real ones.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,7 +106,24 @@ def ray_session():
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, logging_level="ERROR", log_to_driver=False)
     yield ray
+    left = running_ray_data_executors()
     ray.shutdown()
+    # A Ray Data execution still running here was abandoned by some code path (a stream nobody ended):
+    # after shutdown its thread calls Ray again, which starts a new local Ray in a process that is ending
+    # and, when that Ray is gone, kills the process with exit code 1 after the suite has passed.
+    assert not left, f"Ray Data executions left running by the tests: {left}"
+
+
+def running_ray_data_executors(grace_s: float = 10.0) -> list[str]:
+    """Names of the Ray Data executor threads still alive after `grace_s` (and a garbage collection,
+    which shuts down the executors of datasets nobody holds)."""
+    gc.collect()
+    deadline = time.monotonic() + grace_s
+    while True:
+        left = [t.name for t in threading.enumerate() if t.name.startswith("StreamingExecutor-")]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
 
 
 def small_overrides(model_dir: Path, out_dir: Path, cache: Path, **extra: str) -> list[str]:
