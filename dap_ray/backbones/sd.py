@@ -54,6 +54,9 @@ def _variant(component_dir: Path) -> str | None:
     return variants[0] if variants else None
 
 
+VAE_FORCE_UPCAST_DEFAULT = True  # AutoencoderKL's default, for a config that does not say
+
+
 def vae_dtype_for(dtype: torch.dtype, force_upcast: bool) -> torch.dtype:
     """SD's VAE overflows in fp16 (its config says force_upcast): it stays fp32 then; bf16 is fine."""
     return torch.float32 if dtype == torch.float16 and force_upcast else dtype
@@ -80,7 +83,7 @@ class SDBackbone(Backbone):
         self.dtype = dtype
         self.prompt_template = _check_template(prompt_template)
         self.unet = frozen_on(unet, self.device, dtype)
-        self.vae_dtype = vae_dtype_for(dtype, bool(getattr(vae.config, "force_upcast", False)))
+        self.vae_dtype = vae_dtype_for(dtype, bool(getattr(vae.config, "force_upcast", VAE_FORCE_UPCAST_DEFAULT)))
         self.vae = frozen_on(vae, self.device, self.vae_dtype)
         self.text_encoder = frozen_on(text_encoder, self.device, dtype)
         self.tokenizer = tokenizer
@@ -158,7 +161,7 @@ class SDBackbone(Backbone):
             # the weights read straight into the run's dtype (the VAE's as __init__ will keep it); the text
             # encoder loads in fp32 and is cast in __init__ (transformers renamed torch_dtype between the
             # versions we support, and it runs once per class list)
-            upcast = bool(read_json(root / "vae" / "config.json").get("force_upcast", True))  # diffusers' default
+            upcast = bool(read_json(root / "vae" / "config.json").get("force_upcast", VAE_FORCE_UPCAST_DEFAULT))
             unet = load_checked(UNet2DConditionModel, root / "unet", "unet", variant=_variant(root / "unet"), torch_dtype=dtype)
             vae = load_checked(AutoencoderKL, root / "vae", "vae", variant=_variant(root / "vae"), torch_dtype=vae_dtype_for(dtype, upcast))
             text_encoder = load_checked(CLIPTextModel, root / "text_encoder", "text_encoder", variant=_variant(root / "text_encoder"),
